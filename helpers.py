@@ -1,0 +1,1028 @@
+"""Helpers for the EVA8 session-6 exercise: a compact CIFAR-10 CNN under the exercise's rules.
+
+Everything the notebook does and the tests check lives here: seeding and device choice, data
+loading (torchvision download, the official batches folder, or an image-folder tree), statistics,
+the albumentations pipelines, the model, the receptive-field table and rule checklist, training
+with OneCycle, reports and plots, and a command-line entry point (``python helpers.py train``).
+
+Importing this module does nothing but define names: no download, no seeding, no plotting.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe",
+    "get_device", "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val",
+    "compute_mean_std", "exercise_augmentations", "train_transforms", "test_transforms",
+    "AUGMENTATION_MAPPING", "CifarDataset", "make_loaders",
+    "ConvBNAct", "DepthwiseSeparable", "Residual", "Net", "count_parameters", "count_macs",
+    "receptive_field_table", "empirical_receptive_field", "check_rules",
+    "make_optimizer", "make_scheduler", "train_one_epoch", "evaluate", "fit", "save_checkpoint", "load_checkpoint",
+    "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
+    "per_class_accuracy", "grad_cam", "denormalize",
+    "plot_image_grid", "plot_augmentations", "plot_history", "plot_misclassified",
+    "plot_confusion_matrix", "plot_gradcam", "plot_receptive_field", "save_figure", "main",
+]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+# The commonly quoted statistics of the official training split (0..1 scale).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+# --------------------------------------------------------------------------- device and seeds
+def get_device(verbose: bool = True) -> torch.device:
+    """Pick CUDA, then Apple MPS, then CPU, and say which (CPU comes with a plain warning)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        msg = f"Using GPU: {torch.cuda.get_device_name(0)}"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = torch.device("mps")
+        msg = "Using Apple GPU (MPS)"
+    else:
+        device = torch.device("cpu")
+        msg = ("No GPU found: training on the CPU will be slow (about a minute or more per "
+               "epoch). In Colab choose Runtime > Change runtime type > GPU.")
+    if verbose:
+        print(msg)
+    return device
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and PyTorch (optionally make cuDNN deterministic)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class CifarData:
+    """CIFAR-10 as uint8 arrays (N, 32, 32, 3), integer labels and class names."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+    source: str = ""
+
+
+def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _load_batches(folder: Path) -> CifarData:
+    """Read the official ``cifar-10-batches-py`` folder."""
+    def read(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for name in names:
+            d = _read_pickle(folder / name)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+        return np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.concatenate(ys)
+
+    x_tr, y_tr = read([f"data_batch_{i}" for i in range(1, 6)])
+    x_te, y_te = read(["test_batch"])
+    meta = folder / "batches.meta"
+    classes = CIFAR10_CLASSES
+    if meta.exists():
+        classes = tuple(n.decode() for n in _read_pickle(meta)[b"label_names"])
+    return CifarData(x_tr, y_tr, x_te, y_te, classes, f"batches folder {folder.name}")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Decode one 32x32 RGB image, naming the file if it is corrupt or wrongly sized."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"Cannot read image {path}: {e}") from e
+    if arr.shape != (32, 32, 3):
+        raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
+    return arr
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
+
+def _load_split_folder(split_dir: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for idx, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).iterdir()
+                       if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images += [_read_image(p) for p in files]
+        labels += [idx] * len(files)
+    if not images:
+        raise ValueError(f"No PNG or JPEG images found under {split_dir}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _load_image_folder(root: Path) -> CifarData:
+    """Read an image-folder tree ``train/<class>/*`` and ``test/<class>/*``."""
+    classes = _class_folders(root / "train")
+    if _class_folders(root / "test") != classes:
+        raise ValueError(f"{root}/train and {root}/test hold different class folders")
+    x_tr, y_tr = _load_split_folder(root / "train", classes)
+    x_te, y_te = _load_split_folder(root / "test", classes)
+    return CifarData(x_tr, y_tr, x_te, y_te, tuple(classes), f"image folder {root.name}")
+
+
+def _find_layout(root: Path) -> tuple[str, Path] | None:
+    """Return which supported layout ``root`` holds, or None."""
+    for cand in (root / "cifar-10-batches-py", root):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return "batches", cand
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "folder", root
+    return None
+
+
+def _download(root: Path) -> None:
+    """Download CIFAR-10 with torchvision into ``root`` (adds cifar-10-batches-py)."""
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(str(root), train=True, download=True)
+        CIFAR10(str(root), train=False, download=True)
+    except Exception as e:  # network errors come in many types
+        raise RuntimeError(f"Downloading CIFAR-10 into {root} failed: {e}. "
+                           + _HOW_TO_GET_DATA) from e
+
+
+_HOW_TO_GET_DATA = (
+    "Accepted layouts: (a) torchvision's download (pass download=True), (b) an official "
+    "'cifar-10-batches-py' folder (data_batch_1..5, test_batch) inside the folder or as the "
+    "folder itself, (c) an image-folder tree train/<class>/*.png|jpg and test/<class>/*. "
+    "Get the data from https://www.cs.toronto.edu/~kriz/cifar.html or unpack "
+    "cifar10-jpeg.tar.gz into the folder.")
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False) -> CifarData:
+    """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked."""
+    root = Path(data_dir).expanduser()
+    found = _find_layout(root) if root.is_dir() else None
+    if found is None and download:
+        root.mkdir(parents=True, exist_ok=True)
+        _download(root)
+        found = _find_layout(root)
+    if found is None:
+        raise FileNotFoundError(f"No CIFAR-10 data found in {root.resolve()}. " + _HOW_TO_GET_DATA)
+    kind, path = found
+    return _load_batches(path) if kind == "batches" else _load_image_folder(path)
+
+
+def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """A random subset of ``n`` examples (all of them when n is None or too large)."""
+    if n is None or n >= len(x):
+        return x, y
+    idx = np.random.default_rng(seed).permutation(len(x))[:n]
+    return x[idx], y[idx]
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Carve a validation split from the training set (never use the test set to choose)."""
+    idx = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(round(len(x) * val_fraction))
+    val, tr = idx[:n_val], idx[n_val:]
+    return x[tr], y[tr], x[val], y[val]
+
+
+def compute_mean_std(images: np.ndarray, chunk: int = 10_000
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the 0..1 scale of uint8 images (N, H, W, C)."""
+    c = images.shape[-1]
+    s, s2, n = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(images), chunk):
+        block = images[i:i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+        s += block.sum(0)
+        s2 += (block ** 2).sum(0)
+        n += len(block)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# --------------------------------------------------------------------------- augmentation
+# How the exercise's wording (albumentations 1.x names) maps onto the 2.x API used here.
+AUGMENTATION_MAPPING = [
+    ("HorizontalFlip(p)", "HorizontalFlip(p)", "unchanged"),
+    ("ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=15)",
+     "Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15), "
+     "border_mode=cv2.BORDER_REFLECT_101)",
+     "ShiftScaleRotate is deprecated in 2.x; Affine does the same, reflect border kept"),
+    ("CoarseDropout(max_holes=1, max_height=16, max_width=16, min_holes=1, "
+     "min_height=16, min_width=16, fill_value=mean, mask_fill_value=None)",
+     "CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), "
+     "hole_width_range=(16, 16), fill=mean * 255, fill_mask=None)",
+     "2.x ignores the old names with only a warning, so they must be renamed"),
+]
+
+
+def exercise_augmentations(mean: Sequence[float], p_flip: float = 0.5, p_affine: float = 0.5,
+                           p_dropout: float = 0.5, seed: int | None = None) -> Any:
+    """The exercise's three augmentations on uint8 images (no normalisation)."""
+    import albumentations as A
+    import cv2
+    fill = tuple(float(m) * 255.0 for m in mean)  # the dataset mean in pixel units
+    return A.Compose([
+        A.HorizontalFlip(p=p_flip),
+        A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
+                 border_mode=cv2.BORDER_REFLECT_101, p=p_affine),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
+                        hole_width_range=(16, 16), fill=fill, fill_mask=None, p=p_dropout),
+    ], seed=seed)
+
+
+def train_transforms(mean: Sequence[float], std: Sequence[float], p_flip: float = 0.5,
+                     p_affine: float = 0.5, p_dropout: float = 0.5,
+                     seed: int | None = None) -> Any:
+    """Training pipeline: the exercise's augmentations, Normalize, CHW float tensor."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+    aug = exercise_augmentations(mean, p_flip, p_affine, p_dropout)
+    return A.Compose([*aug.transforms, A.Normalize(mean=tuple(mean), std=tuple(std)),
+                      ToTensorV2()], seed=seed)
+
+
+def test_transforms(mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Test pipeline: Normalize and a CHW float tensor only."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])
+
+
+test_transforms.__test__ = False  # not a pytest test despite the name
+
+
+class CifarDataset(Dataset):
+    """uint8 images (N, 32, 32, 3) and labels, passed through an albumentations transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Callable | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if self.transform is None:
+            x = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)
+        else:
+            x = self.transform(image=img)["image"]
+        return x, int(self.labels[i])
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from torch's seed."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def make_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int = 128,
+                 device: torch.device | str = "cpu", num_workers: int | None = None
+                 ) -> tuple[DataLoader, DataLoader]:
+    """Training loader (shuffled, drops the last partial batch) and test loader (in order)."""
+    cuda = torch.device(device).type == "cuda"
+    if num_workers is None:  # CPU: one worker overlaps augmentation with compute
+        num_workers = min(4, os.cpu_count() or 1) if cuda else min(1, (os.cpu_count() or 1) - 1)
+    common = dict(num_workers=num_workers, pin_memory=cuda,
+                  persistent_workers=num_workers > 0, worker_init_fn=_seed_worker)
+    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True,
+                       drop_last=len(train_ds) > batch_size, **common)
+    test = DataLoader(test_ds, batch_size=max(batch_size, 256), shuffle=False, **common)
+    return train, test
+
+
+# --------------------------------------------------------------------------- model
+class ConvBNAct(nn.Sequential):
+    """3x3 (or kxk) convolution, BatchNorm, ReLU; padding keeps the size at stride 1."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
+                 dilation: int = 1) -> None:
+        pad = dilation * (k - 1) // 2
+        super().__init__(nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """Depthwise 3x3 (one filter per channel) then pointwise 1x1, BatchNorm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    """``x + body(x)``: an identity skip around a same-size block."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Net(nn.Module):
+    """C1 C2 C3 C4 then output; three 3x3 stride-2 downsamplers; no MaxPool; GAP + linear.
+
+    C1 (32x32) two 3x3 convs, then a 3x3 stride-2 conv to 16x16.
+    C2 (16x16) residual: 3x3 conv + depthwise separable; depthwise separable stride 2 to 8x8.
+    C3 (8x8) residual: dilated (d=2) depthwise separable + depthwise separable; stride 2 to 4x4.
+    C4 (4x4) residual depthwise separable. Output: global average pooling, dropout, linear.
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 192), num_classes: int = 10,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.c1 = nn.Sequential(ConvBNAct(3, c1), ConvBNAct(c1, c1),
+                                ConvBNAct(c1, c2, stride=2))
+        self.c2 = nn.Sequential(Residual(ConvBNAct(c2, c2), DepthwiseSeparable(c2, c2)),
+                                DepthwiseSeparable(c2, c3, stride=2))
+        self.c3 = nn.Sequential(Residual(DepthwiseSeparable(c3, c3, dilation=2),
+                                         DepthwiseSeparable(c3, c3)),
+                                DepthwiseSeparable(c3, c4, stride=2))
+        self.c4 = Residual(DepthwiseSeparable(c4, c4))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.out = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c4, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, before global average pooling."""
+        return self.c4(self.c3(self.c2(self.c1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gap(self.features(x)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _trace_layers(model: nn.Module, input_size: int = 32) -> list[dict]:
+    """Run one forward pass and record each conv, pool and linear layer in execution order."""
+    records: list[dict] = []
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear)
+
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        records.append(dict(module=mod, name=names[mod], in_shape=tuple(inp[0].shape),
+                            out_shape=tuple(out.shape)))
+
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size,
+                              device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return records
+
+
+def _pair(v: Any) -> int:
+    return v[0] if isinstance(v, tuple) else v
+
+
+def count_macs(model: nn.Module, input_size: int = 32) -> int:
+    """Multiply-accumulates of one forward pass per image (convolutions and linear layers)."""
+    total = 0
+    for r in _trace_layers(model, input_size):
+        m = r["module"]
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            out_elems = int(np.prod(r["out_shape"][1:]))
+            total += out_elems * (m.in_channels // m.groups) * kh * kw
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+    return total
+
+
+def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
+    """RF table from the model's real conv/pool layers in the order they run.
+
+    For each layer with kernel k, dilation d, stride s and padding p (effective kernel
+    k_eff = d(k-1)+1): n_out = floor((n_in + 2p - k_eff)/s) + 1, r_out = r_in + (k_eff-1)*j_in,
+    j_out = j_in*s. With identity skips only, the longest path is the chain of convs.
+    """
+    import pandas as pd
+    rows, n, j, r = [], input_size, 1, 1
+    for rec in _trace_layers(model, input_size):
+        m = rec["module"]
+        if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        d = _pair(getattr(m, "dilation", 1))
+        k_eff = d * (k - 1) + 1
+        n_in, j_in = n, j
+        n = (n + 2 * p - k_eff) // s + 1
+        r, j = r + (k_eff - 1) * j_in, j_in * s
+        groups = getattr(m, "groups", 1)
+        kind = ("depthwise" if groups > 1 else "pointwise" if k == 1 else "conv") \
+            if isinstance(m, nn.Conv2d) else type(m).__name__
+        rows.append(dict(layer=rec["name"], kind=kind, kernel=k, stride=s, padding=p,
+                         dilation=d, n_in=n_in, n_out=n, jump_in=j_in, rf=r))
+        assert n == rec["out_shape"][-1], f"size mismatch at {rec['name']}"
+    return pd.DataFrame(rows)
+
+
+def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
+    """RF measured as the extent of input pixels with non-zero gradient for one centre unit."""
+    model = copy.deepcopy(model).double().eval()
+    feats = getattr(model, "features", model)
+    x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
+    out = feats(x)
+    h, w = out.shape[-2:]
+    out[0, :, h // 2, w // 2].sum().backward()
+    rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
+    return int(rows.max() - rows.min() + 1)
+
+
+def _downsamplers(records: list[dict]) -> list[str]:
+    """Describe each layer that shrinks the feature map."""
+    found = []
+    for rec in records:
+        m = rec["module"]
+        if len(rec["in_shape"]) == 4 and len(rec["out_shape"]) == 4 \
+                and rec["out_shape"][-1] < rec["in_shape"][-1] and rec["out_shape"][-1] > 1:
+            k = _pair(getattr(m, "kernel_size", 0))
+            desc = (f"{type(m).__name__} {k}x{k} stride {_pair(m.stride)} "
+                    f"dilation {_pair(getattr(m, 'dilation', 1))}")
+            found.append(f"{rec['name']}: {desc} ({rec['in_shape'][-1]}->{rec['out_shape'][-1]})")
+    return found
+
+
+def _is_valid_downsampler(text: str) -> bool:
+    ok_stride = "Conv2d 3x3 stride 2" in text
+    ok_dilated = "Conv2d" in text and "dilation 1 " not in text + " "
+    return ok_stride or ok_dilated
+
+
+def check_rules(model: nn.Module, input_size: int = 32) -> Any:
+    """The exercise's rules, each with the measured value and pass or fail, as a DataFrame."""
+    import pandas as pd
+    recs = _trace_layers(model, input_size)
+    convs = [r["module"] for r in recs if isinstance(r["module"], nn.Conv2d)]
+    dw_sep = sum(1 for a, b in zip(convs, convs[1:])
+                 if a.groups > 1 and a.groups == a.in_channels and b.kernel_size == (1, 1)
+                 and b.groups == 1 and b.in_channels == a.out_channels)
+    dilated = sum(1 for c in convs if max(c.dilation) > 1)
+    gap = [r for r in recs if isinstance(r["module"], nn.AdaptiveAvgPool2d)
+           and r["out_shape"][-2:] == (1, 1)]
+    blocks = [n for n in ("c1", "c2", "c3", "c4") if hasattr(model, n)]
+    rf = int(receptive_field_table(model, input_size)["rf"].iloc[-1])
+    downs = _downsamplers(recs)
+    n_params = count_parameters(model)
+    rules = [
+        ("C1 C2 C3 C4 then output", "blocks c1..c4", ", ".join(blocks), len(blocks) == 4),
+        ("parameters", "< 200,000", f"{n_params:,}", n_params < 200_000),
+        ("no MaxPooling", "0 MaxPool layers",
+         str(sum(isinstance(m, nn.MaxPool2d) for m in model.modules())),
+         not any(isinstance(m, nn.MaxPool2d) for m in model.modules())),
+        ("depthwise separable conv", ">= 1", str(dw_sep), dw_sep >= 1),
+        ("dilated conv", ">= 1", str(dilated), dilated >= 1),
+        ("global average pooling", "present", str(len(gap)), len(gap) >= 1),
+        ("receptive field", "> 44", str(rf), rf > 44),
+        ("downsampling", "3x 3x3 stride 2 (or dilated)", "; ".join(downs) or "none",
+         len(downs) == 3 and all(_is_valid_downsampler(d) for d in downs)),
+    ]
+    df = pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
+    df["passed"] = df["passed"].astype(bool)
+    return df
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class Recipe:
+    """Hyper-parameters of one training recipe (units in the comments)."""
+
+    epochs: int = 10                 # passes over the training set
+    batch_size: int = 128            # images per step
+    lr: float = 0.2                  # OneCycle peak learning rate
+    optimizer: str = "sgd"           # "sgd" (Nesterov, momentum 0.9) or "adam"
+    weight_decay: float = 5e-4       # L2 on conv/linear weights
+    label_smoothing: float = 0.1     # 0 disables
+    pct_start: float = 0.25          # fraction of steps spent warming up
+    widths: tuple[int, ...] = (32, 64, 128, 192)  # channels of C1..C4
+    dropout: float = 0.0             # before the final linear layer
+    p_flip: float = 0.5              # probability of HorizontalFlip
+    p_affine: float = 0.25           # probability of the shift-scale-rotate Affine
+    p_dropout: float = 0.25          # probability of the 16x16 CoarseDropout hole
+
+
+RECIPES: dict[str, Recipe] = {
+    "fast": Recipe(epochs=15),
+    "accurate": Recipe(epochs=40, p_affine=0.5, p_dropout=0.5),
+    "small": Recipe(epochs=30, widths=(16, 32, 64, 96)),
+}
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only, not on BatchNorm or biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Nesterov SGD or Adam, with weight decay kept off BatchNorm and biases."""
+    groups = _param_groups(model, recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=recipe.lr)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int
+                   ) -> Any:
+    """OneCycle over all steps, stepped per batch (None, a constant lr, for under 4 steps)."""
+    total = recipe.epochs * steps_per_epoch
+    if total < 4:
+        return None
+    # OneCycle needs at least two warm-up steps; tiny smoke runs stretch the warm-up.
+    pct_start = min(max(recipe.pct_start, 2.0 / total), 0.5)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.lr, total_steps=total, pct_start=pct_start,
+        div_factor=10.0, final_div_factor=100.0)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=1.0)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, criterion: nn.Module, device: torch.device,
+                    scaler: Any = None, channels_last: bool = False, progress: bool = True,
+                    desc: str = "train") -> tuple[float, float]:
+    """One pass over ``loader``, stepping the scheduler per batch; returns (loss, accuracy)."""
+    model.train()
+    use_amp = scaler is not None and scaler.is_enabled()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (x, y) in enumerate(_progress(loader, desc, progress)):
+        x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Loss became {loss.item()} at batch {step}: lower the "
+                                     "learning rate or check the data normalisation.")
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             criterion: nn.Module | None = None, channels_last: bool = False,
+             tta: bool = False) -> tuple[float, float]:
+    """Mean loss and accuracy over ``loader`` (tta averages the logits of x and its mirror)."""
+    model.eval()
+    criterion = criterion or nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = _to_device(x, device, channels_last), y.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = model(x)
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+        total_loss += criterion(logits.float(), y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / seen, correct / seen
+
+
+def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
+        recipe: Recipe, device: torch.device, channels_last: bool | None = None,
+        progress: bool = True, log: Callable[[dict], None] | None = print,
+        checkpoint: str | os.PathLike | None = None) -> list[dict]:
+    """Train with OneCycle (per batch); return one history row per epoch.
+
+    ``eval_loader`` is evaluated after each epoch for the log only: the model returned is the
+    final one, never an epoch picked by its score.
+    """
+    if channels_last is None:
+        channels_last = device.type in ("cpu", "cuda")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.to(device)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    history: list[dict] = []
+    for epoch in range(1, recipe.epochs + 1):
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, scheduler, criterion,
+                                          device, scaler, channels_last, progress,
+                                          desc=f"epoch {epoch}/{recipe.epochs}")
+        train_seconds = time.perf_counter() - start
+        ev_loss, ev_acc = evaluate(model, eval_loader, device, None, channels_last)
+        row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, test_loss=ev_loss,
+                   test_acc=ev_acc, train_seconds=train_seconds,
+                   seconds=time.perf_counter() - start,
+                   images_per_s=len(train_loader) * train_loader.batch_size / train_seconds)
+        history.append(row)
+        if log is not None:
+            log(row if log is not print else _format_row(row, recipe.epochs))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch, history)
+    return history
+
+
+def _format_row(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4f}  "
+            f"train loss {row['train_loss']:.3f} acc {100 * row['train_acc']:.2f}%  "
+            f"test loss {row['test_loss']:.3f} acc {100 * row['test_acc']:.2f}%  "
+            f"{row['seconds']:.0f}s ({row['images_per_s']:.0f} img/s)")
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                    history: list[dict] | None = None) -> None:
+    """Save model (and optimizer) state atomically: a temp file renamed over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(model=model.state_dict(), epoch=epoch, history=history or [],
+                 optimizer=optimizer.state_dict() if optimizer is not None else None)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a checkpoint into ``model`` (and optimizer); clear errors if missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+    except Exception as e:
+        raise RuntimeError(f"Checkpoint {path} is corrupt or does not fit this model: {e}") from e
+    if optimizer is not None and state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+# --------------------------------------------------------------------------- reports
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels over a loader, in loader order."""
+    model.eval()
+    preds, labels = [], []
+    for x, y in loader:
+        preds.append(model(x.to(device)).argmax(1).cpu())
+        labels.append(y)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def misclassified_indices(labels: np.ndarray, preds: np.ndarray, n: int | None = None
+                          ) -> np.ndarray:
+    """Indices of the first ``n`` wrong predictions."""
+    idx = np.flatnonzero(np.asarray(labels) != np.asarray(preds))
+    return idx if n is None else idx[:n]
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts with true labels as rows and predictions as columns."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    return cm
+
+
+def classification_report_df(labels: np.ndarray, preds: np.ndarray,
+                             classes: Sequence[str]) -> Any:
+    """scikit-learn's classification report as a DataFrame."""
+    import pandas as pd
+    from sklearn.metrics import classification_report
+    rep = classification_report(labels, preds, labels=list(range(len(classes))),
+                                target_names=list(classes), output_dict=True, zero_division=0)
+    return pd.DataFrame(rep).T
+
+
+def per_class_accuracy(labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) -> Any:
+    """Accuracy of each class (recall), with its count, as a DataFrame."""
+    import pandas as pd
+    cm = confusion_matrix(labels, preds, len(classes))
+    total = cm.sum(1)
+    acc = np.divide(np.diag(cm), total, out=np.zeros(len(classes)), where=total > 0)
+    return pd.DataFrame(dict(cls=list(classes), images=total, correct=np.diag(cm),
+                             accuracy=acc)).set_index("cls")
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
+             class_idx: Sequence[int] | None = None) -> np.ndarray:
+    """Grad-CAM heat maps (N, H, W) in 0..1 for ``class_idx`` (default: the prediction)."""
+    store: dict[str, torch.Tensor] = {}
+    h = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            act = store["act"]
+            target = logits.argmax(1) if class_idx is None else torch.as_tensor(class_idx)
+            score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+            grads = torch.autograd.grad(score, act)[0]
+    finally:
+        h.remove()
+        model.train(was_training)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = cam - cam.amin((1, 2), keepdim=True)
+    return (cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-8)).detach().cpu().numpy()
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised CHW (or NCHW) tensor back to HWC floats in 0..1 for display."""
+    m = torch.as_tensor(mean).view(-1, 1, 1)
+    s = torch.as_tensor(std).view(-1, 1, 1)
+    img = (x.detach().cpu().float() * s + m).clamp(0, 1)
+    return img.permute(*range(img.ndim - 3), -2, -1, -3).numpy()
+
+
+# --------------------------------------------------------------------------- plots
+def _grid(n: int, cols: int, size: float = 1.6) -> tuple[Any, np.ndarray]:
+    import matplotlib.pyplot as plt
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size * 1.15),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flatten()
+
+
+def plot_image_grid(images: np.ndarray, labels: Sequence[int], classes: Sequence[str],
+                    n: int = 32, cols: int = 8) -> Any:
+    """A labelled grid of the first ``n`` uint8 images."""
+    n = min(n, len(images))
+    fig, axes = _grid(n, cols)
+    for ax, img, lab in zip(axes, images[:n], labels[:n]):
+        ax.imshow(img)
+        ax.set_title(classes[int(lab)], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_augmentations(images: np.ndarray, augment: Callable, n_images: int = 4,
+                       n_aug: int = 5) -> Any:
+    """Each original (first column) beside ``n_aug`` augmented copies (uint8 pipeline)."""
+    fig, axes = _grid(n_images * (n_aug + 1), n_aug + 1)
+    for r, img in enumerate(images[:n_images]):
+        row = [img] + [augment(image=img)["image"] for _ in range(n_aug)]
+        for c, shown in enumerate(row):
+            ax = axes[r * (n_aug + 1) + c]
+            ax.imshow(shown)
+            ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: Sequence[dict]) -> Any:
+    """Loss, accuracy and learning rate per epoch."""
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        axes[0].plot(ep, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        axes[1].plot(ep, [100 * h[key] for h in history], marker="o", label=label)
+    axes[1].axhline(85, color="grey", ls="--", lw=1, label="85% target")
+    axes[2].plot(ep, [h["lr"] for h in history], marker="o")
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_misclassified(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
+                       classes: Sequence[str], n: int = 20, cols: int = 5) -> Any:
+    """The first ``n`` misclassified uint8 images, titled true -> predicted."""
+    idx = misclassified_indices(labels, preds, n)
+    fig, axes = _grid(len(idx), cols, size=2.0)
+    for ax, i in zip(axes, idx):
+        ax.imshow(images[i])
+        ax.set_title(f"{classes[labels[i]]} -> {classes[preds[i]]}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
+    """A seaborn heatmap of the confusion matrix (rows true, columns predicted)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", xticklabels=classes,
+                yticklabels=classes, ax=ax, cbar=False)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradcam(model: nn.Module, images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
+                 classes: Sequence[str], transform: Callable, layer: nn.Module,
+                 device: torch.device | str = "cpu", n: int = 10, cols: int = 5) -> Any:
+    """Misclassified images over their Grad-CAM maps for the (wrong) predicted class."""
+    idx = misclassified_indices(labels, preds, n)
+    fig, axes = _grid(2 * cols * math.ceil(len(idx) / cols), cols, size=2.0)
+    if len(idx) == 0:
+        return fig
+    x = torch.stack([transform(image=images[i])["image"] for i in idx]).to(device)
+    cams = grad_cam(model, x, layer, [int(preds[i]) for i in idx])
+    for k, (i, cam) in enumerate(zip(idx, cams)):
+        first = (k // cols) * 2 * cols + k % cols  # image row, then its heat-map row
+        top, bottom = axes[first], axes[first + cols]
+        top.imshow(images[i])
+        top.set_title(f"{classes[labels[i]]} -> {classes[preds[i]]}", fontsize=8)
+        bottom.imshow(images[i])
+        bottom.imshow(cam, cmap="jet", alpha=0.45)
+        bottom.set_title("Grad-CAM", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_receptive_field(table: Any) -> Any:
+    """Receptive field after each layer of a ``receptive_field_table``, with the 44 bar."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    colors = {"conv": "tab:blue", "depthwise": "tab:orange", "pointwise": "tab:grey"}
+    labels = [f"{row.layer} ({row.n_out}x{row.n_out})" for row in table.itertuples()]
+    ax.bar(range(len(table)), table["rf"], color=[colors.get(k, "tab:green")
+                                                   for k in table["kind"]])
+    for i, row in enumerate(table.itertuples()):
+        note = f"s{row.stride}" if row.stride > 1 else f"d{row.dilation}" if row.dilation > 1 \
+            else ""
+        ax.text(i, row.rf + 1, f"{row.rf}{' ' + note if note else ''}", ha="center", fontsize=7)
+    ax.axhline(44, color="red", ls="--", lw=1, label="rule: RF > 44")
+    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("receptive field (pixels)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles + ax.get_legend_handles_labels()[0], [*colors, "rule: RF > 44"],
+              fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, folder: str | os.PathLike, name: str) -> Path | None:
+    """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty."""
+    if not folder:
+        return None
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="helpers.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one recipe and log every epoch")
+    t.add_argument("--data-dir", required=True, help="folder with CIFAR-10 in a known layout")
+    t.add_argument("--download", action="store_true", help="download with torchvision")
+    t.add_argument("--recipe", default="fast", choices=sorted(RECIPES))
+    t.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    t.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
+    t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    t.add_argument("--widths", type=int, nargs=4, help="override the C1..C4 channel widths")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-subset", type=int, help="train on this many images only")
+    t.add_argument("--test-subset", type=int, help="test on this many images only")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    t.add_argument("--out", default="runs/latest", help="folder for the log and checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr,
+                                       batch_size=args.batch_size,
+                                       widths=tuple(args.widths) if args.widths else None
+                                       ).items() if v is not None}
+    return Recipe(**{**asdict(RECIPES[args.recipe]), **overrides})
+
+
+def run_training(args: argparse.Namespace) -> list[dict]:
+    """The headless recipe: load, seed, build, train, log one row per epoch to ``--out``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe, out = _recipe_from_args(args), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_cifar10(args.data_dir, download=args.download)
+    x_tr, y_tr = subset(data.x_train, data.y_train, args.train_subset, args.seed)
+    x_te, y_te = subset(data.x_test, data.y_test, args.test_subset, args.seed)
+    mean, std = compute_mean_std(x_tr)
+    set_seed(args.seed)
+    device = get_device()
+    tf_train = train_transforms(mean, std, recipe.p_flip, recipe.p_affine, recipe.p_dropout,
+                                seed=args.seed)
+    train_loader, test_loader = make_loaders(
+        CifarDataset(x_tr, y_tr, tf_train), CifarDataset(x_te, y_te, test_transforms(mean, std)),
+        recipe.batch_size, device)
+    model = Net(recipe.widths, dropout=recipe.dropout)
+    meta = dict(recipe=asdict(recipe), seed=args.seed, data=data.source, device=str(device),
+                params=count_parameters(model), macs=count_macs(model),
+                train_images=len(x_tr), test_images=len(x_te), threads=torch.get_num_threads())
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    print(json.dumps(meta))
+    log_path = out / "log.jsonl"
+    log_path.write_text("")
+
+    def log(row: dict) -> None:
+        print(_format_row(row, recipe.epochs), flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    history = fit(model, train_loader, test_loader, recipe, device, progress=not args.no_progress,
+                  log=log, checkpoint=out / "model.pt")
+    _, tta_acc = evaluate(model, test_loader, device, channels_last=True, tta=True)
+    summary = dict(final_test_acc=history[-1]["test_acc"], final_test_acc_flip_tta=tta_acc,
+                   median_epoch_seconds=float(np.median([h["seconds"] for h in history])),
+                   median_images_per_s=float(np.median([h["images_per_s"] for h in history])))
+    (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    print(json.dumps(summary))
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: ``python helpers.py train --data-dir DIR ...``."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "train":
+        run_training(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

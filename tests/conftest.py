@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny synthetic CIFAR-like data in every layout load_cifar10 accepts."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations: no network check
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pickle  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+PER_CLASS_TRAIN = 3
+PER_CLASS_TEST = 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "realdata: needs the real CIFAR-10 images (about 2 minutes; deselect with -m 'not realdata')")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def make_arrays(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images (N, 32, 32, 3) grouped by class: labels 0,0,0,1,1,1,..."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(CLASSES)), per_class).astype(np.int64)
+    x = rng.integers(0, 256, size=(len(y), 32, 32, 3), dtype=np.uint8)
+    return x, y
+
+
+def _write_batch(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Pickle one batch exactly like the official files (CHW-flattened rows)."""
+    data = x.transpose(0, 3, 1, 2).reshape(len(x), 3072).copy()
+    d = {b"batch_label": b"synthetic", b"labels": [int(v) for v in y], b"data": data,
+         b"filenames": [f"{i}.png".encode() for i in range(len(y))]}
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+def write_batches(folder: Path, x_tr, y_tr, x_te, y_te) -> Path:
+    """Write data_batch_1..5, test_batch and batches.meta into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = np.array_split(np.arange(len(x_tr)), 5)
+    for i, idx in enumerate(parts, start=1):
+        _write_batch(folder / f"data_batch_{i}", x_tr[idx], y_tr[idx])
+    _write_batch(folder / "test_batch", x_te, y_te)
+    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": 10000,
+            b"num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+    return folder
+
+
+def write_image_folder(root: Path, x_tr, y_tr, x_te, y_te, ext: str = ".png") -> Path:
+    """Write train/<class>/NNNN<ext> and test/<class>/NNNN<ext> (sorted names keep order)."""
+    from PIL import Image
+    for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i, (img, lab) in enumerate(zip(x, y)):
+            path = root / split / CLASSES[lab] / f"{i:04d}{ext}"
+            kw = dict(quality=95) if ext in (".jpg", ".jpeg") else {}
+            Image.fromarray(img).save(path, **kw)
+    return root
+
+
+@pytest.fixture(scope="session")
+def arrays():
+    """(x_train, y_train, x_test, y_test): 3 train and 2 test images per class."""
+    x_tr, y_tr = make_arrays(PER_CLASS_TRAIN, seed=1)
+    x_te, y_te = make_arrays(PER_CLASS_TEST, seed=2)
+    # a known marker pixel: train image 0, row 5, column 7, channel 2 (blue)
+    x_tr[0, 5, 7, :] = (0, 0, 0)
+    x_tr[0, 5, 7, 2] = 255
+    return x_tr, y_tr, x_te, y_te
+
+
+@pytest.fixture
+def batches_root(tmp_path, arrays):
+    """A root folder holding an official-style ``cifar-10-batches-py`` folder."""
+    write_batches(tmp_path / "cifar-10-batches-py", *arrays)
+    return tmp_path
+
+
+@pytest.fixture
+def png_root(tmp_path, arrays):
+    return write_image_folder(tmp_path / "png", *arrays, ext=".png")
+
+
+@pytest.fixture
+def jpeg_root(tmp_path, arrays):
+    return write_image_folder(tmp_path / "jpeg", *arrays, ext=".jpg")
+
+
+@pytest.fixture
+def cpu():
+    return torch.device("cpu")

@@ -1,0 +1,164 @@
+"""The albumentations pipelines: shapes, exact normalisation, dropout hole, flip rate."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import albumentations  # noqa: F401  (import-time warnings are not the pipelines' fault)
+import numpy as np
+import pytest
+import torch
+
+import helpers
+
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.25, 0.2, 0.1)
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_pipelines_build_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        helpers.exercise_augmentations(MEAN, seed=0)
+        helpers.exercise_augmentations(MEAN)
+        helpers.train_transforms(MEAN, STD, seed=0)
+        helpers.train_transforms(MEAN, STD, 1.0, 1.0, 1.0)
+        helpers.test_transforms(MEAN, STD)
+
+
+def test_pipelines_run_without_warnings():
+    img = _image()
+    aug = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)
+    tf = helpers.train_transforms(MEAN, STD, 1.0, 1.0, 1.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aug(image=img)
+        tf(image=img)
+        helpers.test_transforms(MEAN, STD)(image=img)
+
+
+def test_train_transforms_output_tensor():
+    out = helpers.train_transforms(MEAN, STD, seed=0)(image=_image())["image"]
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (3, 32, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_train_transforms_without_augmentation_is_normalisation():
+    img = _image(1)
+    out = helpers.train_transforms(MEAN, STD, 0.0, 0.0, 0.0, seed=0)(image=img)["image"]
+    ref = (img.astype(np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(out.numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+
+
+def test_test_transforms_is_exact_normalisation():
+    img = _image(2)
+    out = helpers.test_transforms(MEAN, STD)(image=img)["image"]
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert tuple(out.shape) == (3, 32, 32)
+    ref = (img.astype(np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(out.numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+
+
+def test_test_transforms_is_deterministic():
+    img = _image(3)
+    tf = helpers.test_transforms(MEAN, STD)
+    np.testing.assert_array_equal(tf(image=img)["image"].numpy(),
+                                  tf(image=img)["image"].numpy())
+
+
+def test_exercise_augmentations_keep_shape_and_dtype():
+    aug = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)
+    img = _image(4)
+    for _ in range(5):
+        out = aug(image=img)["image"]
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert not np.array_equal(out, img)
+
+
+def test_dropout_cuts_one_16x16_hole_of_mean_colour():
+    aug = helpers.exercise_augmentations(MEAN, p_flip=0.0, p_affine=0.0, p_dropout=1.0, seed=0)
+    img = np.zeros((32, 32, 3), np.uint8)
+    expected = np.array([round(m * 255) for m in MEAN])
+    corners = set()
+    for _ in range(20):
+        out = aug(image=img)["image"]
+        changed = (out != 0).any(-1)
+        rows, cols = np.nonzero(changed)
+        assert changed.sum() == 256
+        assert rows.max() - rows.min() + 1 == 16 and cols.max() - cols.min() + 1 == 16
+        hole = out[changed].astype(int)
+        assert np.abs(hole - expected).max() <= 1
+        corners.add((rows.min(), cols.min()))
+    assert len(corners) > 1  # the hole moves
+
+
+def test_no_augmentation_is_identity():
+    img = _image(5)
+    aug = helpers.exercise_augmentations(MEAN, 0.0, 0.0, 0.0, seed=0)
+    np.testing.assert_array_equal(aug(image=img)["image"], img)
+
+
+def test_flip_always_mirrors():
+    img = _image(6)
+    aug = helpers.exercise_augmentations(MEAN, p_flip=1.0, p_affine=0.0, p_dropout=0.0, seed=0)
+    np.testing.assert_array_equal(aug(image=img)["image"], img[:, ::-1])
+
+
+def test_flip_rate_is_one_half():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:, 0] = 255  # asymmetric: a bright left column
+    aug = helpers.exercise_augmentations(MEAN, p_flip=0.5, p_affine=0.0, p_dropout=0.0, seed=0)
+    n, flips = 2000, 0
+    for _ in range(n):
+        out = aug(image=img)["image"]
+        if np.array_equal(out, img[:, ::-1]):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(out, img)
+    sigma = math.sqrt(n * 0.25)
+    assert abs(flips - n / 2) < 4 * sigma
+
+
+def test_seed_makes_augmentation_reproducible():
+    img = _image(7)
+    a = helpers.exercise_augmentations(MEAN, 0.5, 0.5, 0.5, seed=123)
+    b = helpers.exercise_augmentations(MEAN, 0.5, 0.5, 0.5, seed=123)
+    for _ in range(5):
+        np.testing.assert_array_equal(a(image=img)["image"], b(image=img)["image"])
+
+
+def test_train_transforms_seed_reproducible():
+    img = _image(8)
+    a = helpers.train_transforms(MEAN, STD, 0.5, 0.5, 0.5, seed=7)
+    b = helpers.train_transforms(MEAN, STD, 0.5, 0.5, 0.5, seed=7)
+    outs_a = [a(image=img)["image"] for _ in range(6)]
+    outs_b = [b(image=img)["image"] for _ in range(6)]
+    for u, v in zip(outs_a, outs_b):
+        torch.testing.assert_close(u, v)
+    assert any(not torch.equal(outs_a[0], o) for o in outs_a[1:])
+
+
+def test_affine_reflects_the_border():
+    """Reflect-101 border: no black corners on a bright image after rotate/shift."""
+    img = np.full((32, 32, 3), 200, np.uint8)
+    aug = helpers.exercise_augmentations(MEAN, p_flip=0.0, p_affine=1.0, p_dropout=0.0, seed=1)
+    for _ in range(10):
+        out = aug(image=img)["image"]
+        assert out.min() >= 190
+
+
+def test_augmentation_mapping_names_new_api():
+    text = " ".join(" ".join(row) for row in helpers.AUGMENTATION_MAPPING)
+    assert "num_holes_range" in text
+    assert "Affine" in text and "ShiftScaleRotate" in text
+    assert all(len(row) == 3 for row in helpers.AUGMENTATION_MAPPING)
+
+
+@pytest.mark.parametrize("bad", ["max_holes", "fill_value"])
+def test_mapping_new_side_avoids_old_names(bad):
+    new_side = " ".join(row[1] for row in helpers.AUGMENTATION_MAPPING)
+    assert bad not in new_side

@@ -1,0 +1,294 @@
+"""load_cifar10 in every layout, its errors, statistics, subsets and the loaders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import helpers
+from conftest import CLASSES, write_batches
+
+ACCEPTED = ("cifar-10-batches-py", "train/<class>")
+
+
+def _snapshot(root: Path) -> dict:
+    """Every path under root with its size and mtime."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def _check_exact(data, arrays):
+    x_tr, y_tr, x_te, y_te = arrays
+    assert data.x_train.dtype == np.uint8 and data.x_train.shape == (30, 32, 32, 3)
+    assert data.x_test.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(data.x_train, x_tr)
+    np.testing.assert_array_equal(data.y_train, y_tr)
+    np.testing.assert_array_equal(data.x_test, x_te)
+    np.testing.assert_array_equal(data.y_test, y_te)
+    # HWC order: the marker written at row 5, column 7 is pure blue
+    assert tuple(data.x_train[0, 5, 7]) == (0, 0, 255)
+    assert tuple(data.classes) == CLASSES
+
+
+# --------------------------------------------------------------------------- layouts
+def test_batches_folder_inside_root(batches_root, arrays):
+    data = helpers.load_cifar10(batches_root)
+    _check_exact(data, arrays)
+    assert "batches" in data.source
+
+
+def test_batches_folder_as_root(batches_root, arrays):
+    data = helpers.load_cifar10(batches_root / "cifar-10-batches-py")
+    _check_exact(data, arrays)
+
+
+def test_batches_chw_order_against_raw_bytes(batches_root):
+    """The first 1024 bytes of a row are the red plane, row-major (official format)."""
+    import pickle
+    with open(batches_root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    img = helpers.load_cifar10(batches_root).x_train[0]
+    assert img[5, 7, 0] == raw[0 * 1024 + 5 * 32 + 7]
+    assert img[5, 7, 2] == raw[2 * 1024 + 5 * 32 + 7]
+    assert img[31, 0, 1] == raw[1 * 1024 + 31 * 32 + 0]
+
+
+def test_batches_without_meta_uses_cifar_names(batches_root, arrays):
+    (batches_root / "cifar-10-batches-py" / "batches.meta").unlink()
+    data = helpers.load_cifar10(batches_root)
+    assert tuple(data.classes) == helpers.CIFAR10_CLASSES
+
+
+def test_png_folder_round_trip(png_root, arrays):
+    data = helpers.load_cifar10(png_root)
+    _check_exact(data, arrays)
+    assert "image folder" in data.source
+
+
+def test_jpeg_folder_shapes_and_labels(jpeg_root, arrays):
+    x_tr, y_tr, x_te, y_te = arrays
+    data = helpers.load_cifar10(jpeg_root)
+    assert data.x_train.shape == x_tr.shape and data.x_train.dtype == np.uint8
+    assert data.x_test.shape == x_te.shape
+    np.testing.assert_array_equal(data.y_train, y_tr)
+    np.testing.assert_array_equal(data.y_test, y_te)
+    assert tuple(data.classes) == CLASSES
+    # lossy: random noise is the worst case for JPEG, yet far from unrelated images (~85)
+    assert np.abs(data.x_train.astype(int) - x_tr.astype(int)).mean() < 80
+
+
+def test_jpeg_smooth_image_close(tmp_path):
+    """A smooth gradient survives JPEG within a few grey levels."""
+    from conftest import write_image_folder
+    g = np.linspace(0, 255, 32).astype(np.uint8)
+    img = np.stack([np.tile(g, (32, 1)), np.tile(g[:, None], (1, 32)),
+                    np.full((32, 32), 90, np.uint8)], axis=-1)
+    x = np.stack([img] * 10)
+    y = np.arange(10)
+    root = write_image_folder(tmp_path / "j", x, y, x, y, ext=".jpg")
+    data = helpers.load_cifar10(root)
+    assert np.abs(data.x_train.astype(int) - x.astype(int)).mean() < 4
+
+
+def test_uppercase_and_jpeg_extensions_accepted(tmp_path, arrays):
+    x_tr, y_tr, x_te, y_te = arrays
+    root = tmp_path / "mixed"
+    for split in ("train", "test"):
+        for c in CLASSES[:2]:
+            (root / split / c).mkdir(parents=True)
+    Image.fromarray(x_tr[0]).save(root / "train" / "airplane" / "a.PNG")
+    Image.fromarray(x_tr[1]).save(root / "train" / "automobile" / "b.jpeg", quality=95)
+    Image.fromarray(x_te[0]).save(root / "test" / "airplane" / "c.png")
+    Image.fromarray(x_te[1]).save(root / "test" / "automobile" / "d.png")
+    (root / "train" / "airplane" / "notes.txt").write_text("ignored")
+    data = helpers.load_cifar10(root)
+    assert data.classes == ("airplane", "automobile")
+    np.testing.assert_array_equal(data.y_train, [0, 1])
+    np.testing.assert_array_equal(data.x_train[0], x_tr[0])
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_folder_raises_file_not_found(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as e:
+        helpers.load_cifar10(missing, download=False)
+    msg = str(e.value)
+    assert "nowhere" in msg
+    for layout in ACCEPTED:
+        assert layout in msg
+    assert not missing.exists()  # download=False creates nothing
+
+
+def test_empty_folder_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        helpers.load_cifar10(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_image_names_the_file(png_root):
+    bad = png_root / "train" / "cat" / "9999.png"
+    bad.write_bytes(b"this is not a png at all" * 10)
+    with pytest.raises(ValueError) as e:
+        helpers.load_cifar10(png_root)
+    assert "9999.png" in str(e.value)
+
+
+def test_wrong_size_image_names_the_file(png_root):
+    bad = png_root / "test" / "dog" / "small.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad)
+    with pytest.raises(ValueError) as e:
+        helpers.load_cifar10(png_root)
+    assert "small.png" in str(e.value)
+    assert "16x16" in str(e.value)
+
+
+def test_grayscale_image_converted_to_rgb(png_root):
+    Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(
+        png_root / "train" / "cat" / "9998.png")
+    data = helpers.load_cifar10(png_root)
+    assert data.x_train.shape == (31, 32, 32, 3)
+    grey = data.x_train[data.y_train == 3][-1]
+    assert (grey == 77).all()
+
+
+def test_loading_never_modifies_the_folder(batches_root, png_root):
+    for root in (batches_root, png_root):
+        before = _snapshot(root)
+        helpers.load_cifar10(root)
+        assert _snapshot(root) == before
+
+
+def test_download_failure_is_runtime_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    class Offline:
+        def __init__(self, root, train=True, download=False, **kw):
+            calls.append((root, train, download))
+            raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(RuntimeError) as e:
+        helpers.load_cifar10(tmp_path / "dl", download=True)
+    assert calls and calls[0][2] is True
+    assert "network is unreachable" in str(e.value)
+    assert "cifar-10-batches-py" in str(e.value)
+
+
+def test_download_not_called_when_data_present(batches_root, arrays, monkeypatch):
+    import torchvision.datasets
+
+    def boom(*a, **k):
+        raise AssertionError("must not download when the data is there")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", boom)
+    _check_exact(helpers.load_cifar10(batches_root, download=True), arrays)
+
+
+def test_download_that_writes_batches_is_loaded(tmp_path, arrays, monkeypatch):
+    import torchvision.datasets
+
+    class FakeCIFAR10:
+        def __init__(self, root, train=True, download=False, **kw):
+            folder = Path(root) / "cifar-10-batches-py"
+            if not folder.exists():
+                write_batches(folder, *arrays)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    _check_exact(helpers.load_cifar10(tmp_path / "new", download=True), arrays)
+
+
+# --------------------------------------------------------------------------- statistics
+def test_compute_mean_std_matches_numpy():
+    x = np.random.default_rng(0).integers(0, 256, size=(37, 8, 8, 3), dtype=np.uint8)
+    ref = x.astype(np.float64) / 255.0
+    mean, std = helpers.compute_mean_std(x, chunk=5)  # several chunks, a partial last one
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 1, 2)), rtol=1e-6)
+    assert len(mean) == 3 and all(isinstance(v, float) for v in mean + std)
+
+
+def test_compute_mean_std_constant_channels():
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    x[..., 0], x[..., 1], x[..., 2] = 255, 51, 0
+    mean, std = helpers.compute_mean_std(x)
+    np.testing.assert_allclose(mean, (1.0, 0.2, 0.0), atol=1e-12)
+    np.testing.assert_allclose(std, (0.0, 0.0, 0.0), atol=1e-6)
+
+
+def test_subset_size_determinism_and_pairs():
+    x = np.arange(100)[:, None] * np.ones((1, 3), int)
+    y = np.arange(100)
+    xs, ys = helpers.subset(x, y, 10, seed=3)
+    assert len(xs) == len(ys) == 10 and len(set(ys.tolist())) == 10
+    np.testing.assert_array_equal(xs[:, 0], ys)  # images stay paired with labels
+    xs2, ys2 = helpers.subset(x, y, 10, seed=3)
+    np.testing.assert_array_equal(ys, ys2)
+    _, ys3 = helpers.subset(x, y, 10, seed=4)
+    assert not np.array_equal(ys, ys3)
+    assert helpers.subset(x, y, None)[1] is y
+    assert len(helpers.subset(x, y, 1000)[1]) == 100
+
+
+def test_split_train_val_disjoint_and_deterministic():
+    x = np.arange(50) * 10
+    y = np.arange(50)
+    x_tr, y_tr, x_va, y_va = helpers.split_train_val(x, y, 0.2, seed=1)
+    assert len(y_tr) == 40 and len(y_va) == 10
+    assert set(y_tr.tolist()).isdisjoint(y_va.tolist())
+    assert sorted(y_tr.tolist() + y_va.tolist()) == list(range(50))
+    np.testing.assert_array_equal(x_tr, y_tr * 10)
+    again = helpers.split_train_val(x, y, 0.2, seed=1)
+    np.testing.assert_array_equal(again[3], y_va)
+    other = helpers.split_train_val(x, y, 0.2, seed=2)
+    assert not np.array_equal(other[3], y_va)
+
+
+# --------------------------------------------------------------------------- dataset, loaders
+def test_dataset_without_transform_scales_to_unit():
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    x[1, 3, 4, 1] = 255
+    ds = helpers.CifarDataset(x, np.array([5, 7]))
+    img, lab = ds[1]
+    assert len(ds) == 2 and lab == 7 and isinstance(lab, int)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert img[1, 3, 4] == 1.0 and img.sum() == 1.0
+
+
+def test_loaders_shuffle_train_not_test():
+    n = 40
+    x = np.zeros((n, 32, 32, 3), np.uint8)
+    y = np.arange(n)
+    ds = helpers.CifarDataset(x, y)
+    torch.manual_seed(0)
+    train, test = helpers.make_loaders(ds, ds, batch_size=8, num_workers=0)
+    seen = torch.cat([lab for _, lab in train]).numpy()
+    assert len(seen) == n and sorted(seen.tolist()) == list(range(n))
+    assert not np.array_equal(seen, y)
+    xb, yb = next(iter(train))
+    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8,)
+    test_labels = torch.cat([lab for _, lab in test]).numpy()
+    np.testing.assert_array_equal(test_labels, y)
+    assert test.batch_size >= 8
+
+
+def test_train_loader_drops_partial_batch():
+    ds = helpers.CifarDataset(np.zeros((20, 32, 32, 3), np.uint8), np.arange(20))
+    train, test = helpers.make_loaders(ds, ds, batch_size=8, num_workers=0)
+    assert [len(b[1]) for b in train] == [8, 8]
+    assert sum(len(b[1]) for b in test) == 20
+
+
+def test_default_num_workers_on_cpu_is_sensible():
+    ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    train, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu")
+    cpus = os.cpu_count() or 1
+    for loader in (train, test):
+        assert 0 <= loader.num_workers <= cpus
+        assert loader.num_workers < max(cpus, 2)  # leaves a core for the main process
+        assert loader.pin_memory is False

@@ -1,0 +1,244 @@
+"""Reports (confusion matrix, per-class accuracy, Grad-CAM, denormalize) and plots."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from torch.utils.data import DataLoader
+
+import helpers
+
+TINY = (8, 16, 16, 16)
+MEAN = (0.49, 0.48, 0.45)
+STD = (0.25, 0.24, 0.26)
+CLASSES = helpers.CIFAR10_CLASSES
+
+
+@pytest.fixture
+def labels_preds():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 300)
+    preds = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 10, 300))
+    return labels, preds
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _no_show(monkeypatch):
+    def show(*a, **k):
+        raise AssertionError("helpers must return figures, never call plt.show")
+
+    monkeypatch.setattr(plt, "show", show)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_confusion_matrix_matches_sklearn(labels_preds):
+    labels, preds = labels_preds
+    cm = helpers.confusion_matrix(labels, preds, 10)
+    np.testing.assert_array_equal(cm, sk_confusion_matrix(labels, preds, labels=range(10)))
+    assert cm.sum() == len(labels)
+
+
+def test_confusion_matrix_rows_are_true_labels():
+    cm = helpers.confusion_matrix(np.array([0, 0, 1]), np.array([1, 1, 1]), 3)
+    np.testing.assert_array_equal(cm, [[0, 2, 0], [0, 1, 0], [0, 0, 0]])
+
+
+def test_per_class_accuracy(labels_preds):
+    labels, preds = labels_preds
+    df = helpers.per_class_accuracy(labels, preds, CLASSES)
+    assert list(df.index) == list(CLASSES)
+    for k, name in enumerate(CLASSES):
+        mask = labels == k
+        assert df.loc[name, "images"] == mask.sum()
+        assert df.loc[name, "correct"] == (preds[mask] == k).sum()
+        assert df.loc[name, "accuracy"] == pytest.approx((preds[mask] == k).mean())
+
+
+def test_per_class_accuracy_absent_class_is_zero():
+    df = helpers.per_class_accuracy(np.array([0, 0]), np.array([0, 1]), ("a", "b", "c"))
+    assert df["accuracy"].tolist() == [0.5, 0.0, 0.0]
+    assert df["images"].tolist() == [2, 0, 0]
+
+
+def test_classification_report_df(labels_preds):
+    labels, preds = labels_preds
+    df = helpers.classification_report_df(labels, preds, CLASSES)
+    assert set(CLASSES) <= set(df.index)
+    assert {"precision", "recall", "f1-score", "support"} <= set(df.columns)
+    for k, name in enumerate(CLASSES):
+        tp = np.sum((labels == k) & (preds == k))
+        precision = tp / np.sum(preds == k)
+        recall = tp / np.sum(labels == k)
+        f1 = 2 * precision * recall / (precision + recall)
+        assert df.loc[name, "precision"] == pytest.approx(precision)
+        assert df.loc[name, "recall"] == pytest.approx(recall)
+        assert df.loc[name, "f1-score"] == pytest.approx(f1)
+        assert df.loc[name, "support"] == np.sum(labels == k)
+
+
+def test_misclassified_indices(labels_preds):
+    labels, preds = labels_preds
+    np.testing.assert_array_equal(helpers.misclassified_indices(labels, preds),
+                                  np.flatnonzero(labels != preds))
+    first = helpers.misclassified_indices(labels, preds, n=5)
+    np.testing.assert_array_equal(first, np.flatnonzero(labels != preds)[:5])
+    assert len(helpers.misclassified_indices(labels, labels)) == 0
+
+
+def test_predict_in_loader_order(cpu):
+    torch.manual_seed(0)
+    x = torch.randn(13, 3, 32, 32)
+    y = torch.arange(13) % 10
+    loader = DataLoader(list(zip(x, y)), batch_size=4)
+    model = helpers.Net(TINY).eval()
+    preds, labels = helpers.predict(model, loader, cpu)
+    assert isinstance(preds, np.ndarray) and len(preds) == len(labels) == 13
+    np.testing.assert_array_equal(labels, y.numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(preds, model(x).argmax(1).numpy())
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+def _manual_grad_cam(model, x, layer, classes):
+    store = {}
+    h = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    model.eval()
+    logits = model(x)
+    h.remove()
+    act = store["a"]
+    score = logits[torch.arange(len(x)), torch.as_tensor(classes)].sum()
+    (grads,) = torch.autograd.grad(score, act)
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    out = []
+    for c in cam.detach().numpy():
+        c = c - c.min()
+        out.append(c / c.max() if c.max() > 1e-8 else c)
+    return np.stack(out)
+
+
+def test_grad_cam_shape_range_and_value():
+    torch.manual_seed(0)
+    model = helpers.Net(TINY)
+    x = torch.randn(3, 3, 32, 32)
+    cams = helpers.grad_cam(model, x, model.c3, class_idx=[1, 2, 3])
+    assert cams.shape == (3, 32, 32)
+    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
+    ref = _manual_grad_cam(model, x, model.c3, [1, 2, 3])
+    np.testing.assert_allclose(cams, ref, atol=1e-4)
+
+
+def test_grad_cam_defaults_to_prediction_and_keeps_mode():
+    torch.manual_seed(1)
+    model = helpers.Net(TINY).train()
+    x = torch.randn(2, 3, 32, 32)
+    cams = helpers.grad_cam(model, x, model.c2)
+    assert model.training  # mode restored
+    assert not any(m._forward_hooks for m in model.modules())  # hook removed
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1).tolist()
+    np.testing.assert_allclose(cams, _manual_grad_cam(model, x, model.c2, pred), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- denormalize
+def test_denormalize_inverts_normalize(images):
+    tf = helpers.test_transforms(MEAN, STD)
+    x = tf(image=images[0])["image"]
+    back = helpers.denormalize(x, MEAN, STD)
+    assert back.shape == (32, 32, 3)
+    np.testing.assert_allclose(back, images[0] / 255.0, atol=1e-5)
+    batch = torch.stack([tf(image=im)["image"] for im in images[:4]])
+    back4 = helpers.denormalize(batch, MEAN, STD)
+    assert back4.shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(back4, images[:4] / 255.0, atol=1e-5)
+
+
+def test_denormalize_clips_to_unit_range():
+    x = torch.full((3, 2, 2), 100.0)
+    assert helpers.denormalize(x, MEAN, STD).max() == 1.0
+
+
+# --------------------------------------------------------------------------- plots
+def _history():
+    return [dict(epoch=e, lr=0.1 * e, train_loss=1.0 / e, train_acc=0.3 * e,
+                 test_loss=1.1 / e, test_acc=0.28 * e, seconds=1.0, images_per_s=10.0)
+            for e in (1, 2, 3)]
+
+
+def test_plot_image_grid(images):
+    fig = helpers.plot_image_grid(images, np.arange(12) % 10, CLASSES, n=10, cols=5)
+    assert isinstance(fig, Figure)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == [CLASSES[i] for i in range(10)]
+
+
+def test_plot_augmentations(images):
+    aug = helpers.exercise_augmentations(MEAN, seed=0)
+    fig = helpers.plot_augmentations(images, aug, n_images=2, n_aug=3)
+    assert isinstance(fig, Figure)
+    assert sum(1 for ax in fig.axes if ax.images) == 2 * 4
+
+
+def test_plot_history():
+    fig = helpers.plot_history(_history())
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+
+
+def test_plot_misclassified(images):
+    labels = np.arange(12) % 10
+    preds = labels.copy()
+    preds[[1, 4, 7]] = 0
+    fig = helpers.plot_misclassified(images, labels, preds, CLASSES, n=20, cols=5)
+    assert isinstance(fig, Figure)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == [f"{CLASSES[i]} -> airplane" for i in (1, 4, 7)]
+
+
+def test_plot_misclassified_none_wrong(images):
+    labels = np.arange(12) % 10
+    assert isinstance(helpers.plot_misclassified(images, labels, labels, CLASSES), Figure)
+
+
+def test_plot_confusion_matrix(labels_preds):
+    cm = helpers.confusion_matrix(*labels_preds, 10)
+    fig = helpers.plot_confusion_matrix(cm, CLASSES)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(CLASSES)
+    assert str(cm[0, 0]) in {t.get_text() for t in ax.texts}
+
+
+@pytest.mark.parametrize("n_wrong", [10, 5, 3, 2, 1, 6, 7])
+def test_plot_gradcam(images, n_wrong):
+    """Any number of misclassified images (1..n) gets a top and a bottom panel each."""
+    torch.manual_seed(0)
+    model = helpers.Net(TINY)
+    labels = np.zeros(12, dtype=np.int64)
+    preds = labels.copy()
+    preds[:n_wrong] = 3
+    tf = helpers.test_transforms(MEAN, STD)
+    fig = helpers.plot_gradcam(model, images, labels, preds, CLASSES, tf, model.c4,
+                               n=10, cols=5)
+    assert isinstance(fig, Figure)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles.count("airplane -> cat") == n_wrong
+    assert titles.count("Grad-CAM") == n_wrong
+
+
+def test_plot_gradcam_none_wrong(images):
+    """Like plot_misclassified, a model with no mistakes should still give a Figure."""
+    model = helpers.Net(TINY)
+    labels = np.zeros(12, dtype=np.int64)
+    tf = helpers.test_transforms(MEAN, STD)
+    fig = helpers.plot_gradcam(model, images, labels, labels, CLASSES, tf, model.c4)
+    assert isinstance(fig, Figure)
