@@ -37,7 +37,8 @@ __all__ = [
     "AUGMENTATION_MAPPING", "CifarDataset", "make_loaders",
     "ConvBNAct", "DepthwiseSeparable", "Residual", "Net", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules",
-    "make_optimizer", "make_scheduler", "train_one_epoch", "evaluate", "fit", "save_checkpoint", "load_checkpoint",
+    "make_optimizer", "make_scheduler", "train_one_epoch", "evaluate", "fit",
+    "save_checkpoint", "load_checkpoint", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
     "per_class_accuracy", "grad_cam", "denormalize",
     "plot_image_grid", "plot_augmentations", "plot_history", "plot_misclassified",
@@ -342,11 +343,12 @@ class ConvBNAct(nn.Sequential):
 
 
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise 3x3 (one filter per channel) then pointwise 1x1, BatchNorm, ReLU."""
+    """Depthwise 3x3 (one filter per channel), BN, ReLU, then pointwise 1x1, BN, ReLU."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__(
             nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=cin, bias=False),
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
             nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -480,24 +482,19 @@ def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     return int(rows.max() - rows.min() + 1)
 
 
-def _downsamplers(records: list[dict]) -> list[str]:
-    """Describe each layer that shrinks the feature map."""
+def _downsamplers(records: list[dict]) -> list[tuple[str, bool]]:
+    """Describe each layer that shrinks the feature map, and whether the rules allow it."""
     found = []
     for rec in records:
-        m = rec["module"]
-        if len(rec["in_shape"]) == 4 and len(rec["out_shape"]) == 4 \
-                and rec["out_shape"][-1] < rec["in_shape"][-1] and rec["out_shape"][-1] > 1:
-            k = _pair(getattr(m, "kernel_size", 0))
-            desc = (f"{type(m).__name__} {k}x{k} stride {_pair(m.stride)} "
-                    f"dilation {_pair(getattr(m, 'dilation', 1))}")
-            found.append(f"{rec['name']}: {desc} ({rec['in_shape'][-1]}->{rec['out_shape'][-1]})")
+        m, n_in, n_out = rec["module"], rec["in_shape"][-1], rec["out_shape"][-1]
+        if len(rec["out_shape"]) != 4 or not 1 < n_out < n_in:
+            continue
+        k, s = _pair(getattr(m, "kernel_size", 0)), _pair(getattr(m, "stride", 1))
+        d = _pair(getattr(m, "dilation", 1))
+        desc = f"{rec['name']}: {type(m).__name__} {k}x{k} stride {s} dilation {d} " \
+               f"({n_in}->{n_out})"
+        found.append((desc, isinstance(m, nn.Conv2d) and ((k == 3 and s == 2) or d > 1)))
     return found
-
-
-def _is_valid_downsampler(text: str) -> bool:
-    ok_stride = "Conv2d 3x3 stride 2" in text
-    ok_dilated = "Conv2d" in text and "dilation 1 " not in text + " "
-    return ok_stride or ok_dilated
 
 
 def check_rules(model: nn.Module, input_size: int = 32) -> Any:
@@ -525,8 +522,9 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
         ("dilated conv", ">= 1", str(dilated), dilated >= 1),
         ("global average pooling", "present", str(len(gap)), len(gap) >= 1),
         ("receptive field", "> 44", str(rf), rf > 44),
-        ("downsampling", "3x 3x3 stride 2 (or dilated)", "; ".join(downs) or "none",
-         len(downs) == 3 and all(_is_valid_downsampler(d) for d in downs)),
+        ("downsampling", "3x 3x3 stride 2 (or dilated)",
+         "; ".join(desc for desc, _ in downs) or "none",
+         len(downs) == 3 and all(ok for _, ok in downs)),
     ]
     df = pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
     df["passed"] = df["passed"].astype(bool)
@@ -538,9 +536,9 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
 class Recipe:
     """Hyper-parameters of one training recipe (units in the comments)."""
 
-    epochs: int = 10                 # passes over the training set
-    batch_size: int = 128            # images per step
-    lr: float = 0.2                  # OneCycle peak learning rate
+    epochs: int = 15                 # passes over the training set
+    batch_size: int = 64             # images per step
+    lr: float = 0.1                  # OneCycle peak learning rate
     optimizer: str = "sgd"           # "sgd" (Nesterov, momentum 0.9) or "adam"
     weight_decay: float = 5e-4       # L2 on conv/linear weights
     label_smoothing: float = 0.1     # 0 disables
@@ -552,9 +550,11 @@ class Recipe:
     p_dropout: float = 0.25          # probability of the 16x16 CoarseDropout hole
 
 
+# "fast": 15 epochs, the issue's epoch budget (measured 84.60%, seed 0: not yet 85%);
+# "standard": the notebook's default, 25 epochs; "small": the same class at 48k parameters.
 RECIPES: dict[str, Recipe] = {
-    "fast": Recipe(epochs=15),
-    "accurate": Recipe(epochs=40, p_affine=0.5, p_dropout=0.5),
+    "fast": Recipe(),
+    "standard": Recipe(epochs=25),
     "small": Recipe(epochs=30, widths=(16, 32, 64, 96)),
 }
 

@@ -32,7 +32,8 @@ PER_CLASS_TEST = 2
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "realdata: needs the real CIFAR-10 images (about 2 minutes; deselect with -m 'not realdata')")
+        "markers",
+        "realdata: needs the real CIFAR-10 images (about 2 minutes; -m 'not realdata' skips)")
 
 
 @pytest.fixture(autouse=True)

@@ -82,7 +82,9 @@ def test_residual_adds_identity():
 
 def test_depthwise_separable_structure():
     ds = helpers.DepthwiseSeparable(8, 16, stride=2, dilation=2)
-    dw, pw = ds[0], ds[1]
+    convs = [m for m in ds if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2
+    dw, pw = convs
     assert dw.groups == 8 and dw.kernel_size == (3, 3) and dw.dilation == (2, 2)
     assert pw.kernel_size == (1, 1) and pw.out_channels == 16
     assert ds(torch.randn(1, 8, 8, 8)).shape == (1, 16, 4, 4)

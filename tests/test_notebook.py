@@ -66,7 +66,8 @@ def test_smoke_run_produces_key_outputs(smoke_notebook):
     assert "final test accuracy" in text
     assert "receptive field" in text and "parameters" in text  # rule checklist shown
     assert "epoch   1/1" in text  # one log line per epoch
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [o for c in nb.cells for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
     assert len(images) >= 7
     figures = sorted(p.name for p in (tmp / "figures").glob("*.png"))
     assert figures == ["augmentations.png", "confusion_matrix.png", "misclassified_gradcam.png",

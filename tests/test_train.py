@@ -301,7 +301,7 @@ def test_get_device_cpu(monkeypatch, capsys):
 
 
 def test_recipes_are_sane():
-    assert set(helpers.RECIPES) >= {"fast", "accurate", "small"}
+    assert set(helpers.RECIPES) >= {"fast", "standard", "small"}
     for name, r in helpers.RECIPES.items():
         assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
         assert helpers.count_parameters(helpers.Net(r.widths)) < 200_000, name
