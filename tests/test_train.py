@@ -305,6 +305,10 @@ def test_recipes_are_sane():
     for name, r in helpers.RECIPES.items():
         assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
         assert helpers.count_parameters(helpers.Net(r.widths)) < 200_000, name
+        assert helpers.check_rules(helpers.Net(r.widths))["passed"].all(), name
+    small = helpers.RECIPES["small"]
+    assert helpers.count_parameters(helpers.Net(small.widths)) <= 50_000  # issue 3, target 3
+    assert helpers.RECIPES["fast"].epochs <= 15  # issue 3, target 1
     fast = replace(helpers.RECIPES["fast"], epochs=1)
     assert fast.epochs == 1 and helpers.RECIPES["fast"].epochs != 1
 
@@ -338,7 +342,8 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir", str(png_root),
            "--epochs", "2", "--widths", "8", "16", "16", "16", "--batch-size", "16",
-           "--out", str(out), "--no-progress", "--threads", "1"]
+           "--out", str(out), "--no-progress", "--threads", "1", "--p-affine", "0.1",
+           "--p-dropout", "0.2", "--weight-decay", "1e-4", "--label-smoothing", "0"]
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -346,6 +351,10 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
                                                "model.pt"}
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["epochs"] == 2 and config["recipe"]["widths"] == [8, 16, 16, 16]
+    assert {k: config["recipe"][k] for k in ("p_affine", "p_dropout", "weight_decay",
+                                             "label_smoothing")} == dict(
+        p_affine=0.1, p_dropout=0.2, weight_decay=1e-4, label_smoothing=0.0)
+    assert config["recipe"]["lr"] == helpers.RECIPES["fast"].lr  # not given: recipe's value
     assert config["train_images"] == 30 and config["test_images"] == 20
     assert config["params"] == helpers.count_parameters(helpers.Net(TINY))
     assert config["threads"] == 1
