@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -971,11 +971,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
-    given = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                 widths=tuple(args.widths) if args.widths else None,
-                 weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                 p_affine=args.p_affine, p_dropout=args.p_dropout)
-    overrides = {k: v for k, v in given.items() if v is not None}
+    names = {f.name for f in fields(Recipe)}  # options named like Recipe fields override them
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "widths" in overrides:
+        overrides["widths"] = tuple(overrides["widths"])
     return Recipe(**{**asdict(RECIPES[args.recipe]), **overrides})
 
 

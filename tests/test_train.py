@@ -304,8 +304,9 @@ def test_recipes_are_sane():
     assert set(helpers.RECIPES) >= {"fast", "standard", "small"}
     for name, r in helpers.RECIPES.items():
         assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
-        assert helpers.count_parameters(helpers.Net(r.widths)) < 200_000, name
-        assert helpers.check_rules(helpers.Net(r.widths))["passed"].all(), name
+        model = helpers.Net(r.widths)
+        assert helpers.count_parameters(model) < 200_000, name
+        assert helpers.check_rules(model)["passed"].all(), name
     small = helpers.RECIPES["small"]
     assert helpers.count_parameters(helpers.Net(small.widths)) <= 50_000  # issue 3, target 3
     assert helpers.RECIPES["fast"].epochs <= 15  # issue 3, target 1
