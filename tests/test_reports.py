@@ -94,6 +94,21 @@ def test_misclassified_indices(labels_preds):
     assert len(helpers.misclassified_indices(labels, labels)) == 0
 
 
+def test_misclassified_sample_spreads_over_a_class_sorted_split():
+    """A test split sorted by class must not give a grid of one class (the first wrong ones)."""
+    labels = np.repeat(np.arange(10), 100)  # like the image-folder test split
+    preds = (labels + 1) % 10  # every prediction wrong
+    wrong = np.flatnonzero(labels != preds)
+    assert set(labels[helpers.misclassified_indices(labels, preds, n=20)]) == {0}
+    a = helpers.misclassified_indices(labels, preds, n=20, seed=0)
+    assert len(a) == 20 and len(set(a)) == 20 and set(a) <= set(wrong)
+    assert np.all(np.diff(a) > 0) and len(set(labels[a])) >= 5
+    np.testing.assert_array_equal(a, helpers.misclassified_indices(labels, preds, n=20, seed=0))
+    assert not np.array_equal(a, helpers.misclassified_indices(labels, preds, n=20, seed=1))
+    np.testing.assert_array_equal(helpers.misclassified_indices(labels, preds, n=5000, seed=0),
+                                  wrong)
+
+
 def test_predict_in_loader_order(cpu):
     torch.manual_seed(0)
     x = torch.randn(13, 3, 32, 32)
@@ -202,6 +217,9 @@ def test_plot_misclassified(images):
     assert isinstance(fig, Figure)
     titles = [ax.get_title() for ax in fig.axes if ax.images]
     assert titles == [f"{CLASSES[i]} -> airplane" for i in (1, 4, 7)]
+    fig = helpers.plot_misclassified(images, labels, preds, CLASSES, n=2, seed=None)
+    assert [ax.get_title() for ax in fig.axes if ax.images] == [
+        f"{CLASSES[i]} -> airplane" for i in (1, 4)]
 
 
 def test_plot_misclassified_none_wrong(images):

@@ -356,7 +356,8 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
                                              "label_smoothing")} == dict(
         p_affine=0.1, p_dropout=0.2, weight_decay=1e-4, label_smoothing=0.0)
     assert config["recipe"]["lr"] == helpers.RECIPES["fast"].lr  # not given: recipe's value
-    assert config["train_images"] == 30 and config["test_images"] == 20
+    assert config["train_images"] == 30 and config["eval_images"] == 20
+    assert config["eval_split"] == "test"
     assert config["params"] == helpers.count_parameters(helpers.Net(TINY))
     assert config["threads"] == 1
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -368,6 +369,23 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     state = helpers.load_checkpoint(out / "model.pt", helpers.Net(TINY))
     assert state["epoch"] == 2
     assert {p.name for p in tmp_path.iterdir()} == {"png", "run"}  # nothing else in cwd
+
+
+def test_cli_val_fraction_holds_out_training_images(tmp_path, png_root):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir", str(png_root),
+           "--epochs", "1", "--widths", "8", "16", "16", "16", "--batch-size", "16",
+           "--out", str(out), "--no-progress", "--threads", "1", "--workers", "0",
+           "--val-fraction", "0.2"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["train_images"], config["eval_split"], config["eval_images"]) == (24, "val", 6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "final_test_acc" not in summary
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert summary["final_val_acc"] == rows[-1]["test_acc"]
 
 
 def test_cli_missing_data_fails_clearly(tmp_path):
