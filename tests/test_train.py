@@ -118,6 +118,40 @@ def test_fit_checkpoint_written(random_data, cpu, tmp_path):
     assert list(path.parent.glob("*.tmp")) == []
 
 
+def test_ema_update_is_the_weighted_mean():
+    torch.manual_seed(0)
+    avg, model = helpers.Net(TINY), helpers.Net(TINY)
+    model.c1[0][1].num_batches_tracked += 7
+    before = {k: v.clone() for k, v in avg.state_dict().items()}
+    helpers.ema_update(avg, model, 0.9)
+    for k, v in avg.state_dict().items():
+        m = model.state_dict()[k]
+        want = 0.9 * before[k] + 0.1 * m if v.dtype.is_floating_point else m
+        torch.testing.assert_close(v, want)
+    helpers.ema_update(avg, model, 0.0)  # decay 0 copies the model
+    for k, v in avg.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k])
+
+
+def test_fit_with_ema_returns_and_scores_the_average(random_data, cpu, tmp_path):
+    train, test = _loaders(*random_data)
+    recipe = helpers.Recipe(epochs=2, batch_size=16, widths=TINY, ema=0.5)
+    helpers.set_seed(0)
+    plain = helpers.Net(TINY)
+    helpers.fit(plain, train, test, replace(recipe, ema=0.0), cpu, progress=False, log=None)
+    helpers.set_seed(0)
+    model = helpers.Net(TINY)
+    history = helpers.fit(model, train, test, recipe, cpu, progress=False, log=None,
+                          checkpoint=tmp_path / "m.pt")
+    w, w_plain = model.out[-1].weight, plain.out[-1].weight
+    assert not torch.allclose(w, w_plain)  # the average, not the last step's weights
+    _, acc = helpers.evaluate(model, test, cpu, channels_last=True)
+    assert acc == pytest.approx(history[-1]["test_acc"])
+    fresh = helpers.Net(TINY)
+    helpers.load_checkpoint(tmp_path / "m.pt", fresh)
+    torch.testing.assert_close(fresh.out[-1].weight, w.detach().contiguous())
+
+
 class _NaNImages(Dataset):
     def __len__(self):
         return 32
@@ -344,7 +378,8 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir", str(png_root),
            "--epochs", "2", "--widths", "8", "16", "16", "16", "--batch-size", "16",
            "--out", str(out), "--no-progress", "--threads", "1", "--p-affine", "0.1",
-           "--p-dropout", "0.2", "--weight-decay", "1e-4", "--label-smoothing", "0"]
+           "--p-dropout", "0.2", "--weight-decay", "1e-4", "--label-smoothing", "0",
+           "--ema", "0.99"]
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -353,8 +388,8 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["epochs"] == 2 and config["recipe"]["widths"] == [8, 16, 16, 16]
     assert {k: config["recipe"][k] for k in ("p_affine", "p_dropout", "weight_decay",
-                                             "label_smoothing")} == dict(
-        p_affine=0.1, p_dropout=0.2, weight_decay=1e-4, label_smoothing=0.0)
+                                             "label_smoothing", "ema")} == dict(
+        p_affine=0.1, p_dropout=0.2, weight_decay=1e-4, label_smoothing=0.0, ema=0.99)
     assert config["recipe"]["lr"] == helpers.RECIPES["fast"].lr  # not given: recipe's value
     assert config["train_images"] == 30 and config["eval_images"] == 20
     assert config["eval_split"] == "test"
