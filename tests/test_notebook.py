@@ -42,10 +42,17 @@ def smoke_notebook(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nb")
     _write_tiny_folder(tmp / "data", per_class=60)
     out = tmp / "out.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK), str(out), cwd=str(ROOT), kernel_name="python3", progress_bar=False,
-        parameters=dict(DATA_DIR=str(tmp / "data"), DOWNLOAD=False, SMOKE=True,
-                        FIGURES_DIR=str(tmp / "figures")))
+    for attempt in (1, 2):  # a kernel that stops answering (seen once in CI) gets one retry
+        try:
+            papermill.execute_notebook(
+                str(NOTEBOOK), str(out), cwd=str(ROOT), kernel_name="python3",
+                progress_bar=False, execution_timeout=300, start_timeout=120,
+                parameters=dict(DATA_DIR=str(tmp / "data"), DOWNLOAD=False, SMOKE=True,
+                                FIGURES_DIR=str(tmp / "figures")))
+            break
+        except TimeoutError:
+            if attempt == 2:
+                raise
     import nbformat
     return nbformat.read(out, as_version=4), tmp
 
