@@ -235,3 +235,48 @@ def test_rf_default_net_table_and_empirical_agree():
 
 def test_rf_small_net_same_as_default():
     assert _final_rf(helpers.Net(SMALL)) == 67
+
+
+# --------------------------------------------------------------------------- block options
+def test_mid_act_off_drops_one_relu_per_depthwise_separable_block():
+    def relus(model):
+        return sum(isinstance(m, nn.ReLU) for m in model.modules())
+
+    n_dws = sum(isinstance(m, helpers.DepthwiseSeparable) for m in helpers.Net(SMALL).modules())
+    assert n_dws >= 1
+    assert relus(helpers.Net(SMALL)) - relus(helpers.Net(SMALL, mid_act=False)) == n_dws
+    assert helpers.count_parameters(helpers.Net(SMALL, mid_act=False)) == \
+        helpers.count_parameters(helpers.Net(SMALL))
+    assert _failing(helpers.Net(SMALL, mid_act=False)) == set()
+
+
+def test_zero_init_makes_every_residual_block_the_identity():
+    torch.manual_seed(0)
+    model = helpers.Net(SMALL, zero_init=True).eval()
+    blocks = [m for m in model.modules() if isinstance(m, helpers.Residual)]
+    assert len(blocks) >= 3
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+
+    def record(mod, inp, out):
+        seen[mod] = (inp[0].clone(), out.clone())
+
+    hooks = [b.register_forward_hook(record) for b in blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(blocks)
+    assert all(torch.equal(inp, out) for inp, out in seen.values())
+    default = helpers.Net(SMALL).eval()  # without zero_init a block changes its input
+    b = [m for m in default.modules() if isinstance(m, helpers.Residual)][0]
+    z = torch.randn(1, b.body[0][0].in_channels, 16, 16)
+    assert not torch.equal(b(z), z)
+
+
+def test_build_model_follows_the_recipe():
+    r = helpers.Recipe(widths=SMALL, mid_act=False, zero_init=True, dropout=0.3)
+    model = helpers.build_model(r, num_classes=3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert helpers.count_parameters(model) == helpers.count_parameters(
+        helpers.Net(SMALL, num_classes=3))
+    assert model.out[1].p == 0.3

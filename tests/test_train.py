@@ -341,8 +341,8 @@ def test_recipes_are_sane():
         model = helpers.Net(r.widths)
         assert helpers.count_parameters(model) < 200_000, name
         assert helpers.check_rules(model)["passed"].all(), name
-    small = helpers.RECIPES["small"]
-    assert helpers.count_parameters(helpers.Net(small.widths)) <= 50_000  # issue 3, target 3
+    for name in ("small", "small-long"):  # issue 3, target 3
+        assert helpers.count_parameters(helpers.build_model(helpers.RECIPES[name])) <= 50_000
     assert helpers.RECIPES["fast"].epochs <= 15  # issue 3, target 1
     fast = replace(helpers.RECIPES["fast"], epochs=1)
     assert fast.epochs == 1 and helpers.RECIPES["fast"].epochs != 1
@@ -404,6 +404,16 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     state = helpers.load_checkpoint(out / "model.pt", helpers.Net(TINY))
     assert state["epoch"] == 2
     assert {p.name for p in tmp_path.iterdir()} == {"png", "run"}  # nothing else in cwd
+
+
+def test_cli_block_options_reach_the_recipe():
+    parse = helpers._build_parser().parse_args
+    base = ["train", "--data-dir", "x", "--recipe", "small-long"]
+    r = helpers._recipe_from_args(parse(base + ["--no-mid-act", "--zero-init"]))
+    assert (r.mid_act, r.zero_init, r.epochs) == (False, True, 60)
+    r = helpers._recipe_from_args(parse(base))  # flags not given: the recipe's values
+    assert (r.mid_act, r.zero_init) == (True, False)
+    assert r == helpers.RECIPES["small-long"]
 
 
 def test_cli_val_fraction_holds_out_training_images(tmp_path, png_root):
