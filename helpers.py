@@ -343,14 +343,19 @@ class ConvBNAct(nn.Sequential):
 
 
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise 3x3 (one filter per channel), BN, [ReLU], then pointwise 1x1, BN, ReLU."""
+    """Depthwise 3x3 (one filter per channel), [BN, ReLU], then pointwise 1x1, BN, ReLU.
+
+    ``mid`` sets what sits between the two convs: "bn-relu" (MobileNet), "bn" or "none"
+    (the plain factorised conv of Xception).
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
-                 mid_act: bool = True) -> None:
-        mid = [nn.ReLU(inplace=True)] if mid_act else []  # Xception drops this one
+                 mid: str = "bn-relu") -> None:
+        layers = {"bn-relu": [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)],
+                  "bn": [nn.BatchNorm2d(cin)], "none": []}[mid]
         super().__init__(
             nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=cin, bias=False),
-            nn.BatchNorm2d(cin), *mid,
+            *layers,
             nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -372,17 +377,18 @@ class Net(nn.Module):
     C2 (16x16) residual: 3x3 conv + depthwise separable; depthwise separable stride 2 to 8x8.
     C3 (8x8) residual: dilated (d=2) depthwise separable + depthwise separable; stride 2 to 4x4.
     C4 (4x4) residual depthwise separable. Output: global average pooling, dropout, linear.
-    ``mid_act=False`` drops the ReLU between depthwise and pointwise convs; ``zero_init=True``
+    ``mid`` is what sits between depthwise and pointwise convs (see DepthwiseSeparable);
+    ``zero_init=True``
     starts each residual branch at zero (its last BatchNorm scale), so each block starts as x.
     """
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128, 192), num_classes: int = 10,
-                 dropout: float = 0.0, mid_act: bool = True, zero_init: bool = False) -> None:
+                 dropout: float = 0.0, mid: str = "bn-relu", zero_init: bool = False) -> None:
         super().__init__()
         c1, c2, c3, c4 = widths
 
         def dws(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Module:
-            return DepthwiseSeparable(cin, cout, stride, dilation, mid_act)
+            return DepthwiseSeparable(cin, cout, stride, dilation, mid)
 
         self.c1 = nn.Sequential(ConvBNAct(3, c1), ConvBNAct(c1, c1),
                                 ConvBNAct(c1, c2, stride=2))
@@ -560,13 +566,13 @@ class Recipe:
     p_affine: float = 0.25           # probability of the shift-scale-rotate Affine
     p_dropout: float = 0.25          # probability of the 16x16 CoarseDropout hole
     ema: float = 0.0                 # per-step decay of a weight average (0: off; e.g. 0.999)
-    mid_act: bool = True             # ReLU between depthwise and pointwise convs
+    mid: str = "bn-relu"             # between depthwise and pointwise: "bn-relu", "bn", "none"
     zero_init: bool = False          # residual branches start at zero
 
 
 def build_model(recipe: Recipe, num_classes: int = 10) -> Net:
     """The recipe's ``Net`` (widths, dropout and block options)."""
-    return Net(recipe.widths, num_classes, recipe.dropout, recipe.mid_act, recipe.zero_init)
+    return Net(recipe.widths, num_classes, recipe.dropout, recipe.mid, recipe.zero_init)
 
 
 # "fast": 15 epochs, the issue's epoch budget (84.3%, 85.1% with flip TTA: README.md, Results);
@@ -1015,8 +1021,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--p-affine", type=float, help="override the Affine probability")
     t.add_argument("--p-dropout", type=float, help="override the CoarseDropout probability")
     t.add_argument("--ema", type=float, help="average the weights with this per-step decay")
-    t.add_argument("--mid-act", action=argparse.BooleanOptionalAction,
-                   help="ReLU between depthwise and pointwise convs (default: on)")
+    t.add_argument("--mid", choices=("bn-relu", "bn", "none"),
+                   help="layers between depthwise and pointwise convs (default: bn-relu)")
     t.add_argument("--zero-init", action=argparse.BooleanOptionalAction,
                    help="start each residual branch at zero (default: off)")
     t.add_argument("--seed", type=int, default=0)

@@ -238,16 +238,21 @@ def test_rf_small_net_same_as_default():
 
 
 # --------------------------------------------------------------------------- block options
-def test_mid_act_off_drops_one_relu_per_depthwise_separable_block():
-    def relus(model):
-        return sum(isinstance(m, nn.ReLU) for m in model.modules())
+def test_mid_option_sets_the_layers_between_depthwise_and_pointwise():
+    def count(model, kind):
+        return sum(isinstance(m, kind) for m in model.modules())
 
-    n_dws = sum(isinstance(m, helpers.DepthwiseSeparable) for m in helpers.Net(SMALL).modules())
+    base = helpers.Net(SMALL)
+    n_dws = count(base, helpers.DepthwiseSeparable)
     assert n_dws >= 1
-    assert relus(helpers.Net(SMALL)) - relus(helpers.Net(SMALL, mid_act=False)) == n_dws
-    assert helpers.count_parameters(helpers.Net(SMALL, mid_act=False)) == \
-        helpers.count_parameters(helpers.Net(SMALL))
-    assert _failing(helpers.Net(SMALL, mid_act=False)) == set()
+    for mid, relus_lost, bns_lost in (("bn", 1, 0), ("none", 1, 1)):
+        model = helpers.Net(SMALL, mid=mid)
+        assert count(base, nn.ReLU) - count(model, nn.ReLU) == relus_lost * n_dws, mid
+        assert count(base, nn.BatchNorm2d) - count(model, nn.BatchNorm2d) == bns_lost * n_dws
+        assert _failing(model) == set(), mid
+    block = helpers.DepthwiseSeparable(4, 6, mid="none")  # depthwise conv feeds pointwise
+    assert isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.Conv2d)
+    assert block[0].groups == 4 and block[1].kernel_size == (1, 1)
 
 
 def test_zero_init_makes_every_residual_block_the_identity():
@@ -274,9 +279,9 @@ def test_zero_init_makes_every_residual_block_the_identity():
 
 
 def test_build_model_follows_the_recipe():
-    r = helpers.Recipe(widths=SMALL, mid_act=False, zero_init=True, dropout=0.3)
+    r = helpers.Recipe(widths=SMALL, mid="none", zero_init=True, dropout=0.3)
     model = helpers.build_model(r, num_classes=3)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     assert helpers.count_parameters(model) == helpers.count_parameters(
-        helpers.Net(SMALL, num_classes=3))
+        helpers.Net(SMALL, num_classes=3, mid="none"))
     assert model.out[1].p == 0.3

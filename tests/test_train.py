@@ -409,10 +409,10 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
 def test_cli_block_options_reach_the_recipe():
     parse = helpers._build_parser().parse_args
     base = ["train", "--data-dir", "x", "--recipe", "small-long"]
-    r = helpers._recipe_from_args(parse(base + ["--no-mid-act", "--zero-init"]))
-    assert (r.mid_act, r.zero_init, r.epochs) == (False, True, 60)
+    r = helpers._recipe_from_args(parse(base + ["--mid", "none", "--zero-init"]))
+    assert (r.mid, r.zero_init, r.epochs) == ("none", True, 60)
     r = helpers._recipe_from_args(parse(base))  # flags not given: the recipe's values
-    assert (r.mid_act, r.zero_init) == (True, False)
+    assert (r.mid, r.zero_init) == ("bn-relu", False)
     assert r == helpers.RECIPES["small-long"]
 
 
