@@ -349,8 +349,6 @@ class DepthwiseSeparable(nn.Sequential):
     (the plain factorised conv of Xception).
     """
 
-    MIDS = ("bn-relu", "bn", "none")  # the choices of ``mid``
-
     def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
                  mid: str = "bn-relu") -> None:
         layers = {"bn-relu": [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)],
@@ -380,7 +378,8 @@ class Net(nn.Module):
     C3 (8x8) residual: dilated (d=2) depthwise separable + depthwise separable; stride 2 to 4x4.
     C4 (4x4) residual depthwise separable. Output: global average pooling, dropout, linear.
     ``mid`` is what sits between depthwise and pointwise convs (see DepthwiseSeparable);
-    ``zero_init=True`` starts each residual branch at zero (its last BatchNorm scale).
+    ``zero_init=True``
+    starts each residual branch at zero (its last BatchNorm scale), so each block starts as x.
     """
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128, 192), num_classes: int = 10,
@@ -1022,7 +1021,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--p-affine", type=float, help="override the Affine probability")
     t.add_argument("--p-dropout", type=float, help="override the CoarseDropout probability")
     t.add_argument("--ema", type=float, help="average the weights with this per-step decay")
-    t.add_argument("--mid", choices=DepthwiseSeparable.MIDS,
+    t.add_argument("--mid", choices=("bn-relu", "bn", "none"),
                    help="layers between depthwise and pointwise convs (default: bn-relu)")
     t.add_argument("--zero-init", action=argparse.BooleanOptionalAction,
                    help="start each residual branch at zero (default: off)")
