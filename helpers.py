@@ -19,8 +19,7 @@ import random
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -33,14 +32,16 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe", "build_model",
     "get_device", "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val",
-    "compute_mean_std", "exercise_augmentations", "train_transforms", "test_transforms",
-    "AUGMENTATION_MAPPING", "CifarDataset", "make_loaders",
-    "ConvBNAct", "DepthwiseSeparable", "Residual", "Net", "count_parameters", "count_macs",
+    "compute_mean_std", "exercise_augmentations", "AUGMENTATION_MAPPING", "RAMPS",
+    "ramp_probability", "EpochAugment", "CifarDataset",
+    "TensorBatches", "to_input", "make_loaders",
+    "ACTIVATIONS", "InputNorm", "ConvBNAct", "DepthwiseSeparable", "Residual", "Net",
+    "whiten_stem", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules",
-    "make_optimizer", "make_scheduler", "train_one_epoch", "ema_update", "evaluate", "fit",
-    "save_checkpoint", "load_checkpoint", "run_training",
+    "make_optimizer", "make_scheduler", "train_one_epoch", "ema_update", "predict_logits",
+    "evaluate", "fit", "save_checkpoint", "load_checkpoint", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
-    "per_class_accuracy", "grad_cam", "denormalize",
+    "per_class_accuracy", "grad_cam",
     "plot_image_grid", "plot_augmentations", "plot_history", "plot_misclassified",
     "plot_confusion_matrix", "plot_gradcam", "plot_receptive_field", "save_figure", "main",
 ]
@@ -265,29 +266,62 @@ def exercise_augmentations(mean: Sequence[float], p_flip: float = 0.5, p_affine:
     ], seed=seed)
 
 
-def train_transforms(mean: Sequence[float], std: Sequence[float], p_flip: float = 0.5,
-                     p_affine: float = 0.5, p_dropout: float = 0.5,
-                     seed: int | None = None) -> Any:
-    """Training pipeline: the exercise's augmentations, Normalize, CHW float tensor."""
-    import albumentations as A
-    from albumentations.pytorch import ToTensorV2
-    aug = exercise_augmentations(mean, p_flip, p_affine, p_dropout)
-    return A.Compose([*aug.transforms, A.Normalize(mean=tuple(mean), std=tuple(std)),
-                      ToTensorV2()], seed=seed)
+RAMPS = ("flat", "down", "up")
 
 
-def test_transforms(mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Test pipeline: Normalize and a CHW float tensor only."""
-    import albumentations as A
-    from albumentations.pytorch import ToTensorV2
-    return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])
+def ramp_probability(p: float, ramp: str, epoch: int, epochs: int) -> float:
+    """A transform's probability in ``epoch`` (0-based) of ``epochs``; its mean over the run is p.
+
+    "flat" keeps p; "down" falls linearly from about 2p to 0, "up" rises from 0 to about 2p.
+    """
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp must be one of {RAMPS}, not {ramp!r}")
+    t = (epoch + 0.5) / epochs
+    return p if ramp == "flat" else min(1.0, 2 * p * ((1 - t) if ramp == "down" else t))
 
 
-test_transforms.__test__ = False  # not a pytest test despite the name
+class EpochAugment:
+    """``augment`` with its Affine and CoarseDropout probabilities set per epoch (``aug_ramp``).
+
+    The epoch number sits in shared memory, so persistent loader workers (which hold copies of
+    this object) see each ``set_epoch`` made in the main process before the epoch starts.
+    """
+
+    def __init__(self, augment: Any, p_affine: float, p_dropout: float, ramp: str,
+                 epochs: int) -> None:
+        self.augment, self.ramp, self.epochs = augment, ramp, epochs
+        self.p_affine, self.p_dropout = p_affine, p_dropout
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._applied = -1
+        ramp_probability(p_affine, ramp, 0, epochs)  # checks the ramp name
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the probabilities of ``epoch`` (0-based) from now on."""
+        self._epoch[0] = epoch
+
+    def set_random_seed(self, seed: int) -> None:
+        self.augment.set_random_seed(seed)
+
+    def __call__(self, **data: Any) -> dict:
+        epoch = int(self._epoch[0])
+        if epoch != self._applied:
+            import albumentations as A
+            for t in self.augment.transforms:
+                p = (self.p_affine if isinstance(t, A.Affine) else self.p_dropout
+                     if isinstance(t, A.CoarseDropout) else None)
+                if p is not None:
+                    t.p = ramp_probability(p, self.ramp, epoch, self.epochs)
+            self._applied = epoch
+        return self.augment(**data)
 
 
 class CifarDataset(Dataset):
-    """uint8 images (N, 32, 32, 3) and labels, passed through an albumentations transform."""
+    """uint8 images (N, 32, 32, 3) and labels; items are uint8 HWC tensors after ``transform``.
+
+    The loader workers only run the albumentations pipeline; conversion to float,
+    normalisation and the channels-last layout happen on the device (``to_input`` and the
+    model's ``InputNorm``), in whole batches.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray,
                  transform: Callable | None = None) -> None:
@@ -298,11 +332,32 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
-        if self.transform is None:
-            x = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)
-        else:
-            x = self.transform(image=img)["image"]
-        return x, int(self.labels[i])
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
+
+
+class TensorBatches:
+    """Fixed images held as one uint8 tensor (on the device where given), served in batches."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                 batch_size: int = 1000, device: torch.device | str = "cpu") -> None:
+        self.images = torch.as_tensor(images).to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """A uint8 NHWC batch to a float NCHW batch on ``device`` (channels-last memory if asked)."""
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x if channels_last else x.contiguous()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -316,47 +371,63 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def make_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int = 128,
+def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int = 128,
                  device: torch.device | str = "cpu", num_workers: int | None = None
-                 ) -> tuple[DataLoader, DataLoader]:
-    """Training loader (shuffled, drops the last partial batch) and test loader (in order)."""
-    cuda = torch.device(device).type == "cuda"
+                 ) -> tuple[DataLoader, TensorBatches]:
+    """Training loader (shuffled, drops the last partial batch) and the test set as a tensor."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     if num_workers is None:  # CPU: one worker overlaps augmentation with compute
-        num_workers = min(4, os.cpu_count() or 1) if cuda else min(1, (os.cpu_count() or 1) - 1)
-    common = dict(num_workers=num_workers, pin_memory=cuda,
-                  persistent_workers=num_workers > 0, worker_init_fn=_seed_worker)
+        num_workers = min(8, os.cpu_count() or 1) if cuda else min(1, (os.cpu_count() or 1) - 1)
     train = DataLoader(train_ds, batch_size=batch_size, shuffle=True,
-                       drop_last=len(train_ds) > batch_size, **common)
-    test = DataLoader(test_ds, batch_size=max(batch_size, 256), shuffle=False, **common)
+                       drop_last=len(train_ds) > batch_size, num_workers=num_workers,
+                       pin_memory=cuda, persistent_workers=num_workers > 0,
+                       worker_init_fn=_seed_worker,
+                       prefetch_factor=4 if num_workers > 0 else None)
+    test = TensorBatches(test_ds.images, test_ds.labels, 1000, device)
     return train, test
 
 
 # --------------------------------------------------------------------------- model
-class ConvBNAct(nn.Sequential):
-    """3x3 (or kxk) convolution, BatchNorm, ReLU; padding keeps the size at stride 1."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
-                 dilation: int = 1) -> None:
+
+class InputNorm(nn.Module):
+    """Raw pixel values (0..255, uint8 or float) to ``(x / 255 - mean) / std`` per channel."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN,
+                 std: Sequence[float] = CIFAR10_STD) -> None:
+        super().__init__()
+        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * s))
+        self.register_buffer("shift", -m / s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift
+
+
+class ConvBNAct(nn.Sequential):
+    """kxk convolution, BatchNorm, activation; padding keeps the size at stride 1."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1,
+                 act: str = "relu") -> None:
         pad = dilation * (k - 1) // 2
         super().__init__(nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+                         nn.BatchNorm2d(cout), ACTIVATIONS[act]())
 
 
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise 3x3 (one filter per channel), [BN, ReLU], then pointwise 1x1, BN, ReLU.
+    """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation.
 
-    ``mid`` sets what sits between the two convs: "bn-relu" (MobileNet), "bn" or "none"
-    (the plain factorised conv of Xception).
+    Nothing sits between the two convs (the factorised conv of Xception): together they are
+    one kxk conv with far fewer parameters and multiply-adds.
     """
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
-                 mid: str = "bn-relu") -> None:
-        layers = {"bn-relu": [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)],
-                  "bn": [nn.BatchNorm2d(cin)], "none": []}[mid]
-        super().__init__(
-            nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=cin, bias=False),
-            *layers,
-            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
+                 act: str = "relu") -> None:
+        super().__init__(nn.Conv2d(cin, cin, k, stride, (k - 1) // 2, groups=cin, bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                         ACTIVATIONS[act]())
 
 
 class Residual(nn.Module):
@@ -371,50 +442,74 @@ class Residual(nn.Module):
 
 
 class Net(nn.Module):
-    """C1 C2 C3 C4 then output; three 3x3 stride-2 downsamplers; no MaxPool; GAP + linear.
+    """C1 C2 C3 C4, then global average pooling and a linear layer; no MaxPool.
 
-    C1 (32x32) two 3x3 convs, then a 3x3 stride-2 conv to 16x16.
-    C2 (16x16) residual: 3x3 conv + depthwise separable; depthwise separable stride 2 to 8x8.
-    C3 (8x8) residual: dilated (d=2) depthwise separable + depthwise separable; stride 2 to 4x4.
-    C4 (4x4) residual depthwise separable. Output: global average pooling, dropout, linear.
-    ``mid`` is what sits between depthwise and pointwise convs (see DepthwiseSeparable);
-    ``zero_init=True``
-    starts each residual branch at zero (its last BatchNorm scale), so each block starts as x.
+    C1 (32x32): a 3x3 conv from RGB, then ``depths[0]`` residual blocks of two 3x3 convs.
+    C2 (16x16): a 3x3 stride-2 conv, then ``depths[1]`` residual blocks of two 3x3 convs;
+    the first conv of the first block is dilated (d=2).
+    C3 (8x8) and C4 (4x4): a depthwise separable 3x3 stride-2 conv, then ``depths[2]`` and
+    ``depths[3]`` residual blocks of two depthwise separable convs (kernel ``kernel``).
+    The input is raw pixels (0..255); ``InputNorm`` normalises them with ``mean`` and ``std``.
     """
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 192), num_classes: int = 10,
-                 dropout: float = 0.0, mid: str = "bn-relu", zero_init: bool = False) -> None:
+    def __init__(self, widths: Sequence[int] = (16, 40, 96, 192),
+                 depths: Sequence[int] = (0, 1, 1, 1), num_classes: int = 10,
+                 kernel: int = 3, act: str = "relu", dropout: float = 0.0,
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+                 ) -> None:
         super().__init__()
-        c1, c2, c3, c4 = widths
+        (c1, c2, c3, c4), (d1, d2, d3, d4) = widths, depths
+        if d2 < 1:
+            raise ValueError("C2 needs at least one block: it holds the dilated conv")
 
-        def dws(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Module:
-            return DepthwiseSeparable(cin, cout, stride, dilation, mid)
+        def conv_block(c: int, dilation: int = 1) -> nn.Module:
+            return Residual(ConvBNAct(c, c, dilation=dilation, act=act), ConvBNAct(c, c, act=act))
 
-        self.c1 = nn.Sequential(ConvBNAct(3, c1), ConvBNAct(c1, c1),
-                                ConvBNAct(c1, c2, stride=2))
-        self.c2 = nn.Sequential(Residual(ConvBNAct(c2, c2), dws(c2, c2)), dws(c2, c3, stride=2))
-        self.c3 = nn.Sequential(Residual(dws(c3, c3, dilation=2), dws(c3, c3)),
-                                dws(c3, c4, stride=2))
-        self.c4 = Residual(dws(c4, c4))
+        def dws_block(c: int) -> nn.Module:
+            return Residual(DepthwiseSeparable(c, c, kernel, act=act),
+                            DepthwiseSeparable(c, c, kernel, act=act))
+
+        self.norm = InputNorm(mean, std)
+        self.c1 = nn.Sequential(ConvBNAct(3, c1, act=act), *[conv_block(c1) for _ in range(d1)])
+        self.c2 = nn.Sequential(ConvBNAct(c1, c2, stride=2, act=act), conv_block(c2, 2),
+                                *[conv_block(c2) for _ in range(d2 - 1)])
+        self.c3 = nn.Sequential(DepthwiseSeparable(c2, c3, 3, 2, act),
+                                *[dws_block(c3) for _ in range(d3)])
+        self.c4 = nn.Sequential(DepthwiseSeparable(c3, c4, 3, 2, act),
+                                *[dws_block(c4) for _ in range(d4)])
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.out = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c4, num_classes))
-        if zero_init:
-            for block in self.modules():
-                if isinstance(block, Residual):
-                    bns = [m for m in block.body.modules() if isinstance(m, nn.BatchNorm2d)]
-                    nn.init.zeros_(bns[-1].weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, before global average pooling."""
-        return self.c4(self.c3(self.c2(self.c1(x))))
+        return self.c4(self.c3(self.c2(self.c1(self.norm(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.gap(self.features(x)))
 
 
+@torch.no_grad()
+def whiten_stem(model: Net, images: np.ndarray, eps: float = 5e-4, n: int = 5000) -> None:
+    """Set C1's first conv to whiten 3x3 patches of ``images`` and freeze it.
+
+    The top ``c1 // 2`` eigenvectors of the patch covariance, each scaled by
+    ``1 / sqrt(eigenvalue + eps)``, and their negatives, so a ReLU passes either sign.
+    """
+    conv = model.c1[0][0]
+    k = conv.out_channels // 2
+    x = model.norm(torch.as_tensor(images[:n]).permute(0, 3, 1, 2).float()).double()
+    patches = F.unfold(x, conv.kernel_size).transpose(1, 2).reshape(-1, x.shape[1] * 9)
+    patches = patches - patches.mean(0)
+    vals, vecs = torch.linalg.eigh(patches.T @ patches / len(patches))
+    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k].T
+    w = (vecs / (vals + eps).sqrt().view(-1, 1)).view(k, *conv.weight.shape[1:])
+    conv.weight.copy_(torch.cat([w, -w]).to(conv.weight))
+    conv.weight.requires_grad_(False)
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameters, frozen ones (a whitened stem) included."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _trace_layers(model: nn.Module, input_size: int = 32) -> list[dict]:
@@ -553,53 +648,53 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
 class Recipe:
     """Hyper-parameters of one training recipe (units in the comments)."""
 
-    epochs: int = 15                 # passes over the training set
-    batch_size: int = 64             # images per step
-    lr: float = 0.1                  # OneCycle peak learning rate
-    optimizer: str = "sgd"           # "sgd" (Nesterov, momentum 0.9) or "adam"
+    epochs: int = 10                 # passes over the training set
+    batch_size: int = 128            # images per step
+    lr: float = 0.2                  # OneCycle peak learning rate (SGD, Nesterov momentum 0.9)
     weight_decay: float = 5e-4       # L2 on conv/linear weights
     label_smoothing: float = 0.1     # 0 disables
     pct_start: float = 0.25          # fraction of steps spent warming up
-    widths: tuple[int, ...] = (32, 64, 128, 192)  # channels of C1..C4
+    widths: tuple[int, ...] = (16, 40, 96, 192)   # channels of C1..C4
+    depths: tuple[int, ...] = (0, 1, 1, 1)        # residual blocks in C1..C4
+    kernel: int = 3                  # depthwise kernel size in C3 and C4 blocks
+    act: str = "gelu"                # activation: "relu" or "gelu"
+    whiten: bool = False             # C1's first conv whitens 3x3 patches (frozen)
     dropout: float = 0.0             # before the final linear layer
     p_flip: float = 0.5              # probability of HorizontalFlip
     p_affine: float = 0.25           # probability of the shift-scale-rotate Affine
     p_dropout: float = 0.25          # probability of the 16x16 CoarseDropout hole
+    aug_ramp: str = "flat"           # Affine/CoarseDropout probability over the run: "flat",
+    #                                  "down" (2p to 0) or "up" (0 to 2p); each averages p
+    mixup: float = 0.0               # Beta(a, a) mixup of image pairs (0: off)
     ema: float = 0.0                 # per-step decay of a weight average (0: off; e.g. 0.999)
-    mid: str = "bn-relu"             # between depthwise and pointwise: "bn-relu", "bn", "none"
-    zero_init: bool = False          # residual branches start at zero
 
 
-def build_model(recipe: Recipe, num_classes: int = 10) -> Net:
-    """The recipe's ``Net`` (widths, dropout and block options)."""
-    return Net(recipe.widths, num_classes, recipe.dropout, recipe.mid, recipe.zero_init)
+def build_model(recipe: Recipe, num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
+                std: Sequence[float] = CIFAR10_STD) -> Net:
+    """The recipe's ``Net`` (widths, depths, kernel, activation, dropout)."""
+    return Net(recipe.widths, recipe.depths, num_classes, recipe.kernel, recipe.act,
+               recipe.dropout, mean, std)
 
 
-# "fast": 15 epochs, the issue's epoch budget (84.3%, 85.1% with flip TTA: README.md, Results);
-# "standard": the notebook's default, 25 epochs; "small": the same class at 49,050 parameters;
-# "accurate" and "small-long": 60 epochs at batch 256, run on a GPU (87.3% and 83.5%: README).
 RECIPES: dict[str, Recipe] = {
     "fast": Recipe(),
-    "standard": Recipe(epochs=25),
-    "small": Recipe(epochs=20, widths=(16, 32, 64, 96)),
-    "accurate": Recipe(epochs=60, batch_size=256, lr=0.2),
-    "small-long": Recipe(epochs=60, batch_size=256, lr=0.2, widths=(16, 32, 64, 96)),
+    "accurate": Recipe(epochs=60, batch_size=256, widths=(32, 64, 96, 128), depths=(1, 1, 1, 1)),
+    "small": Recipe(epochs=60, batch_size=256, widths=(16, 32, 48, 64), depths=(1, 1, 1, 1)),
 }
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only, not on BatchNorm or biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """Weight decay on conv/linear weights only, not on BatchNorm or biases; frozen left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Nesterov SGD or Adam, with weight decay kept off BatchNorm and biases."""
-    groups = _param_groups(model, recipe.weight_decay)
-    if recipe.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
-    return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
+    """SGD with Nesterov momentum 0.9, weight decay kept off BatchNorm and biases."""
+    return torch.optim.SGD(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                           momentum=0.9, nesterov=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int
@@ -615,11 +710,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_e
         div_factor=10.0, final_div_factor=100.0)
 
 
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
-
-
 def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Any:
     if not enabled:
         return iterable
@@ -627,11 +717,16 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = 
     return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=1.0)
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def _autocast(device: torch.device) -> Any:
+    """float16 autocast on CUDA, a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: Any, criterion: nn.Module, device: torch.device,
-                    scaler: Any = None, channels_last: bool = False, progress: bool = True,
-                    desc: str = "train", ema: nn.Module | None = None, ema_decay: float = 0.0
-                    ) -> tuple[float, float]:
+                    scaler: Any = None, channels_last: bool = True, progress: bool = True,
+                    desc: str = "train", ema: nn.Module | None = None, ema_decay: float = 0.0,
+                    mixup: float = 0.0) -> tuple[float, float]:
     """One pass over ``loader``, stepping the scheduler (and ``ema``) per batch: (loss, acc)."""
     model.train()
     use_amp = scaler is not None and scaler.is_enabled()
@@ -640,10 +735,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                              device=device)
     correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
     for step, (x, y) in enumerate(_progress(loader, desc, progress)):
-        x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
-            loss = criterion(logits, y)
+        x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
+        with _autocast(device):
+            if mixup > 0:
+                lam = float(np.random.beta(mixup, mixup))
+                perm = torch.randperm(len(y), device=device)
+                logits = model(lam * x + (1 - lam) * x[perm])
+                loss = lam * criterion(logits, y) + (1 - lam) * criterion(logits, y[perm])
+            else:
+                logits = model(x)
+                loss = criterion(logits, y)
         if (device.type != "cuda" or step % 50 == 0) and not torch.isfinite(loss):
             raise FloatingPointError(f"Loss became {loss.item()} at batch {step}: lower the "
                                      "learning rate or check the data normalisation.")
@@ -679,34 +780,42 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             criterion: nn.Module | None = None, channels_last: bool = False,
-             tta: bool = False) -> tuple[float, float]:
-    """Mean loss and accuracy over ``loader`` (tta averages the logits of x and its mirror)."""
+def predict_logits(model: nn.Module, batches: Iterable, device: torch.device,
+                   channels_last: bool = True, tta: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and labels over uint8 NHWC batches (tta: average with the mirror image)."""
     model.eval()
-    criterion = criterion or nn.CrossEntropyLoss()
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        x, y = _to_device(x, device, channels_last), y.to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(x)
+    logits, labels = [], []
+    for x, y in batches:
+        x = to_input(x, device, channels_last)
+        with _autocast(device):
+            out = model(x).float()
             if tta:
-                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
-        total_loss += criterion(logits.float(), y).item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-    return total_loss / seen, correct / seen
+                out = (out + model(torch.flip(x, dims=[3])).float()) / 2
+        logits.append(out)
+        labels.append(y.to(device))
+    return torch.cat(logits), torch.cat(labels)
 
 
-def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
+             criterion: nn.Module | None = None, channels_last: bool = True,
+             tta: bool = False) -> tuple[float, float]:
+    """Mean loss and accuracy over ``batches`` (tta averages the logits of x and its mirror)."""
+    logits, labels = predict_logits(model, batches, device, channels_last, tta)
+    loss = (criterion or nn.CrossEntropyLoss())(logits, labels)
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
         recipe: Recipe, device: torch.device, channels_last: bool | None = None,
         progress: bool = True, log: Callable[[dict], None] | None = print,
         checkpoint: str | os.PathLike | None = None) -> list[dict]:
     """Train with OneCycle (per batch); return one history row per epoch.
 
-    ``eval_loader`` is evaluated after each epoch for the log only: the model returned is the
+    ``eval_batches`` is evaluated after each epoch for the log only: the model returned is the
     final one, never an epoch picked by its score. With ``recipe.ema`` the scores, checkpoint
-    and returned weights are those of the running average of the weights.
+    and returned weights are those of the running average of the weights. With
+    ``recipe.whiten`` the stem must already be whitened (``whiten_stem``).
     """
     if channels_last is None:
         channels_last = device.type in ("cpu", "cuda")
@@ -722,12 +831,15 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
     history: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        transform = getattr(train_loader.dataset, "transform", None)
+        if hasattr(transform, "set_epoch"):
+            transform.set_epoch(epoch - 1)
         tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, scheduler, criterion,
                                           device, scaler, channels_last, progress,
                                           desc=f"epoch {epoch}/{recipe.epochs}", ema=ema,
-                                          ema_decay=recipe.ema)
+                                          ema_decay=recipe.ema, mixup=recipe.mixup)
         train_seconds = time.perf_counter() - start
-        ev_loss, ev_acc = evaluate(scored, eval_loader, device, None, channels_last)
+        ev_loss, ev_acc = evaluate(scored, eval_batches, device, None, channels_last)
         row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, test_loss=ev_loss,
                    test_acc=ev_acc, train_seconds=train_seconds,
                    seconds=time.perf_counter() - start,
@@ -784,16 +896,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
 
 
 # --------------------------------------------------------------------------- reports
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device
+def predict(model: nn.Module, batches: Iterable, device: torch.device
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels over a loader, in loader order."""
-    model.eval()
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(model(x.to(device)).argmax(1).cpu())
-        labels.append(y)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    """Predicted and true labels over uint8 NHWC batches, in order."""
+    logits, labels = predict_logits(model, batches, device)
+    return logits.argmax(1).cpu().numpy(), labels.cpu().numpy()
 
 
 def misclassified_indices(labels: np.ndarray, preds: np.ndarray, n: int | None = None,
@@ -855,14 +962,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     cam = cam - cam.amin((1, 2), keepdim=True)
     return (cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-8)).detach().cpu().numpy()
-
-
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised CHW (or NCHW) tensor back to HWC floats in 0..1 for display."""
-    m = torch.as_tensor(mean).view(-1, 1, 1)
-    s = torch.as_tensor(std).view(-1, 1, 1)
-    img = (x.detach().cpu().float() * s + m).clamp(0, 1)
-    return img.permute(*range(img.ndim - 3), -2, -1, -3).numpy()
 
 
 # --------------------------------------------------------------------------- plots
@@ -950,7 +1049,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
 
 
 def plot_gradcam(model: nn.Module, images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
-                 classes: Sequence[str], transform: Callable, layer: nn.Module,
+                 classes: Sequence[str], layer: nn.Module,
                  device: torch.device | str = "cpu", n: int = 10, cols: int = 5,
                  seed: int | None = 0) -> Any:
     """Misclassified images (sampled as in plot_misclassified) over their Grad-CAM maps."""
@@ -958,7 +1057,7 @@ def plot_gradcam(model: nn.Module, images: np.ndarray, labels: np.ndarray, preds
     fig, axes = _grid(2 * cols * math.ceil(len(idx) / cols), cols, size=2.0)
     if len(idx) == 0:
         return fig
-    x = torch.stack([transform(image=images[i])["image"] for i in idx]).to(device)
+    x = to_input(torch.as_tensor(images[idx]), torch.device(device))
     cams = grad_cam(model, x, layer, [int(preds[i]) for i in idx])
     for k, (i, cam) in enumerate(zip(idx, cams)):
         first = (k // cols) * 2 * cols + k % cols  # image row, then its heat-map row
@@ -1017,14 +1116,19 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     t.add_argument("--widths", type=int, nargs=4, help="override the C1..C4 channel widths")
     t.add_argument("--weight-decay", type=float, help="override the recipe's weight decay")
-    t.add_argument("--label-smoothing", type=float, help="override the label smoothing")
     t.add_argument("--p-affine", type=float, help="override the Affine probability")
     t.add_argument("--p-dropout", type=float, help="override the CoarseDropout probability")
+    t.add_argument("--aug-ramp", choices=RAMPS, help="override how the Affine and "
+                   "CoarseDropout probabilities change over the run (each averages its p)")
     t.add_argument("--ema", type=float, help="average the weights with this per-step decay")
-    t.add_argument("--mid", choices=("bn-relu", "bn", "none"),
-                   help="layers between depthwise and pointwise convs (default: bn-relu)")
-    t.add_argument("--zero-init", action=argparse.BooleanOptionalAction,
-                   help="start each residual branch at zero (default: off)")
+    t.add_argument("--depths", type=int, nargs=4, metavar=("D1", "D2", "D3", "D4"),
+                   help="override the residual blocks in C1..C4")
+    t.add_argument("--kernel", type=int, help="override the depthwise kernel size of C3, C4")
+    t.add_argument("--act", choices=sorted(ACTIVATIONS), help="override the activation")
+    t.add_argument("--whiten", action=argparse.BooleanOptionalAction,
+                   help="override whether C1's first conv whitens 3x3 patches")
+    t.add_argument("--mixup", type=float, help="override the mixup Beta parameter (0: off)")
+    t.add_argument("--label-smoothing", type=float, help="override the label smoothing")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--train-subset", type=int, help="train on this many images only")
     t.add_argument("--test-subset", type=int, help="test on this many images only")
@@ -1040,8 +1144,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     names = {f.name for f in fields(Recipe)}  # options named like Recipe fields override them
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if "widths" in overrides:
-        overrides["widths"] = tuple(overrides["widths"])
+    for key in ("widths", "depths"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
     return Recipe(**{**asdict(RECIPES[args.recipe]), **overrides})
 
 
@@ -1060,12 +1165,14 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     mean, std = compute_mean_std(x_tr)
     set_seed(args.seed)
     device = get_device()
-    tf_train = train_transforms(mean, std, recipe.p_flip, recipe.p_affine, recipe.p_dropout,
-                                seed=args.seed)
-    train_loader, test_loader = make_loaders(
-        CifarDataset(x_tr, y_tr, tf_train), CifarDataset(x_te, y_te, test_transforms(mean, std)),
-        recipe.batch_size, device, args.workers)
-    model = build_model(recipe)
+    augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, seed=args.seed),
+                           recipe.p_affine, recipe.p_dropout, recipe.aug_ramp, recipe.epochs)
+    train_loader, test_batches = make_loaders(
+        CifarDataset(x_tr, y_tr, augment), CifarDataset(x_te, y_te), recipe.batch_size, device,
+        args.workers)
+    model = build_model(recipe, mean=mean, std=std)
+    if recipe.whiten:
+        whiten_stem(model, x_tr)
     meta = dict(recipe=asdict(recipe), seed=args.seed, data=data.source, device=str(device),
                 params=count_parameters(model), macs=count_macs(model),
                 train_images=len(x_tr), eval_split=split, eval_images=len(x_te),
@@ -1080,9 +1187,9 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    history = fit(model, train_loader, test_loader, recipe, device, progress=not args.no_progress,
-                  log=log, checkpoint=out / "model.pt")
-    _, tta_acc = evaluate(model, test_loader, device, channels_last=True, tta=True)
+    history = fit(model, train_loader, test_batches, recipe, device,
+                  progress=not args.no_progress, log=log, checkpoint=out / "model.pt")
+    _, tta_acc = evaluate(model, test_batches, device, tta=True)
     summary = {f"final_{split}_acc": history[-1]["test_acc"],
                f"final_{split}_acc_flip_tta": tta_acc,
                "median_epoch_seconds": float(np.median([h["seconds"] for h in history])),

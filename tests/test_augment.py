@@ -19,55 +19,59 @@ def _image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 
-def test_pipelines_build_without_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        helpers.exercise_augmentations(MEAN, seed=0)
-        helpers.exercise_augmentations(MEAN)
-        helpers.train_transforms(MEAN, STD, seed=0)
-        helpers.train_transforms(MEAN, STD, 1.0, 1.0, 1.0)
-        helpers.test_transforms(MEAN, STD)
-
-
-def test_pipelines_run_without_warnings():
+def test_pipelines_build_and_run_without_warnings():
     img = _image()
-    aug = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)
-    tf = helpers.train_transforms(MEAN, STD, 1.0, 1.0, 1.0, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        helpers.exercise_augmentations(MEAN)
+        aug = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)
         aug(image=img)
-        tf(image=img)
-        helpers.test_transforms(MEAN, STD)(image=img)
+        helpers.EpochAugment(aug, 1.0, 1.0, "down", 3)(image=img)
 
 
-def test_train_transforms_output_tensor():
-    out = helpers.train_transforms(MEAN, STD, seed=0)(image=_image())["image"]
-    assert isinstance(out, torch.Tensor)
-    assert out.dtype == torch.float32 and tuple(out.shape) == (3, 32, 32)
-    assert torch.isfinite(out).all()
-
-
-def test_train_transforms_without_augmentation_is_normalisation():
+def test_input_norm_is_exact_normalisation():
     img = _image(1)
-    out = helpers.train_transforms(MEAN, STD, 0.0, 0.0, 0.0, seed=0)(image=img)["image"]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    out = helpers.InputNorm(MEAN, STD)(x)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (1, 3, 32, 32)
     ref = (img.astype(np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)
-    np.testing.assert_allclose(out.numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(out[0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    torch.testing.assert_close(helpers.InputNorm(MEAN, STD)(x.float()), out)
 
 
-def test_test_transforms_is_exact_normalisation():
-    img = _image(2)
-    out = helpers.test_transforms(MEAN, STD)(image=img)["image"]
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-    assert tuple(out.shape) == (3, 32, 32)
-    ref = (img.astype(np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)
-    np.testing.assert_allclose(out.numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+def test_to_input_gives_channels_last_floats():
+    batch = torch.from_numpy(np.stack([_image(2), _image(3)]))  # uint8 NHWC
+    x = helpers.to_input(batch, torch.device("cpu"))
+    assert x.dtype == torch.float32 and tuple(x.shape) == (2, 3, 32, 32)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, batch.permute(0, 3, 1, 2).float())
+    assert helpers.to_input(batch, torch.device("cpu"), channels_last=False).is_contiguous()
 
 
-def test_test_transforms_is_deterministic():
-    img = _image(3)
-    tf = helpers.test_transforms(MEAN, STD)
-    np.testing.assert_array_equal(tf(image=img)["image"].numpy(),
-                                  tf(image=img)["image"].numpy())
+@pytest.mark.parametrize("ramp", helpers.RAMPS)
+def test_ramps_average_the_probability(ramp):
+    for epochs in (1, 4, 10, 25):
+        ps = [helpers.ramp_probability(0.25, ramp, e, epochs) for e in range(epochs)]
+        assert all(0.0 <= p <= 1.0 for p in ps)
+        assert abs(np.mean(ps) - 0.25) < 1e-9
+    down = [helpers.ramp_probability(0.25, "down", e, 10) for e in range(10)]
+    assert down == sorted(down, reverse=True) and down[0] > 0.45 and down[-1] < 0.05
+
+
+def test_unknown_ramp_is_refused():
+    with pytest.raises(ValueError, match="ramp"):
+        helpers.ramp_probability(0.25, "sideways", 0, 10)
+
+
+def test_epoch_augment_sets_the_probabilities_per_epoch():
+    img = np.zeros((32, 32, 3), np.uint8)
+    aug = helpers.EpochAugment(helpers.exercise_augmentations(MEAN, 0.0, seed=0),
+                               p_affine=0.0, p_dropout=0.5, ramp="down", epochs=2)
+    rates = []
+    for epoch in (0, 1):
+        aug.set_epoch(epoch)
+        rates.append(np.mean([(aug(image=img)["image"] != 0).any() for _ in range(400)]))
+    assert abs(rates[0] - 0.75) < 0.08 and abs(rates[1] - 0.25) < 0.08
 
 
 def test_exercise_augmentations_keep_shape_and_dtype():
@@ -129,17 +133,6 @@ def test_seed_makes_augmentation_reproducible():
     b = helpers.exercise_augmentations(MEAN, 0.5, 0.5, 0.5, seed=123)
     for _ in range(5):
         np.testing.assert_array_equal(a(image=img)["image"], b(image=img)["image"])
-
-
-def test_train_transforms_seed_reproducible():
-    img = _image(8)
-    a = helpers.train_transforms(MEAN, STD, 0.5, 0.5, 0.5, seed=7)
-    b = helpers.train_transforms(MEAN, STD, 0.5, 0.5, 0.5, seed=7)
-    outs_a = [a(image=img)["image"] for _ in range(6)]
-    outs_b = [b(image=img)["image"] for _ in range(6)]
-    for u, v in zip(outs_a, outs_b):
-        torch.testing.assert_close(u, v)
-    assert any(not torch.equal(outs_a[0], o) for o in outs_a[1:])
 
 
 def test_affine_reflects_the_border():

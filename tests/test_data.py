@@ -250,14 +250,17 @@ def test_split_train_val_disjoint_and_deterministic():
 
 
 # --------------------------------------------------------------------------- dataset, loaders
-def test_dataset_without_transform_scales_to_unit():
+def test_dataset_gives_uint8_hwc_tensors():
     x = np.zeros((2, 32, 32, 3), np.uint8)
     x[1, 3, 4, 1] = 255
     ds = helpers.CifarDataset(x, np.array([5, 7]))
     img, lab = ds[1]
     assert len(ds) == 2 and lab == 7 and isinstance(lab, int)
-    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
-    assert img[1, 3, 4] == 1.0 and img.sum() == 1.0
+    assert img.shape == (32, 32, 3) and img.dtype == torch.uint8
+    assert img[3, 4, 1] == 255 and img.sum() == 255
+    flip = helpers.CifarDataset(x, np.array([5, 7]),
+                                lambda image: {"image": image[:, ::-1]})  # a negative stride
+    assert flip[1][0][3, 27, 1] == 255
 
 
 def test_loaders_shuffle_train_not_test():
@@ -271,7 +274,7 @@ def test_loaders_shuffle_train_not_test():
     assert len(seen) == n and sorted(seen.tolist()) == list(range(n))
     assert not np.array_equal(seen, y)
     xb, yb = next(iter(train))
-    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8,)
+    assert xb.shape == (8, 32, 32, 3) and xb.dtype == torch.uint8 and yb.shape == (8,)
     test_labels = torch.cat([lab for _, lab in test]).numpy()
     np.testing.assert_array_equal(test_labels, y)
     assert test.batch_size >= 8
@@ -288,7 +291,7 @@ def test_default_num_workers_on_cpu_is_sensible():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
     train, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu")
     cpus = os.cpu_count() or 1
-    for loader in (train, test):
-        assert 0 <= loader.num_workers <= cpus
-        assert loader.num_workers < max(cpus, 2)  # leaves a core for the main process
-        assert loader.pin_memory is False
+    assert 0 <= train.num_workers <= cpus
+    assert train.num_workers < max(cpus, 2)  # leaves a core for the main process
+    assert train.pin_memory is False
+    assert isinstance(test, helpers.TensorBatches) and test.images.dtype == torch.uint8

@@ -1,12 +1,14 @@
 """The network, its parameter/MAC counts, the rule checklist and the receptive field."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
 import helpers
 
-SMALL = (16, 32, 64, 96)
+SMALL = (16, 32, 48, 64)
 
 
 def _rules(model) -> dict:
@@ -43,7 +45,23 @@ def test_net_output_shape():
 
 def test_feature_map_is_4x4():
     feats = helpers.Net(SMALL).eval().features(torch.zeros(1, 3, 32, 32))
-    assert feats.shape == (1, 96, 4, 4)
+    assert feats.shape == (1, 64, 4, 4)
+
+
+def test_net_takes_raw_pixels():
+    model = helpers.Net(SMALL).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(model(x), model(x.float()))
+
+
+def test_depths_add_residual_blocks():
+    def blocks(model):
+        return sum(isinstance(m, helpers.Residual) for m in model.modules())
+
+    assert blocks(helpers.Net(SMALL, depths=(0, 1, 1, 1))) == 3
+    assert blocks(helpers.Net(SMALL, depths=(2, 1, 2, 3))) == 8
+    with pytest.raises(ValueError, match="C2"):
+        helpers.Net(SMALL, depths=(1, 0, 1, 1))
 
 
 def test_default_parameter_count():
@@ -61,12 +79,11 @@ def test_small_widths_have_fewer_parameters():
     assert n < 50_000 and n < helpers.count_parameters(helpers.Net())
 
 
-def test_count_parameters_skips_frozen():
+def test_count_parameters_counts_frozen_ones_too():
     model = helpers.Net(SMALL)
     for p in model.c1.parameters():
         p.requires_grad_(False)
-    frozen = sum(p.numel() for p in model.c1.parameters())
-    assert helpers.count_parameters(model) == _manual_params(model) - frozen
+    assert helpers.count_parameters(model) == _manual_params(model)
 
 
 def test_no_maxpool_in_net():
@@ -81,13 +98,20 @@ def test_residual_adds_identity():
 
 
 def test_depthwise_separable_structure():
-    ds = helpers.DepthwiseSeparable(8, 16, stride=2, dilation=2)
-    convs = [m for m in ds if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 2
-    dw, pw = convs
-    assert dw.groups == 8 and dw.kernel_size == (3, 3) and dw.dilation == (2, 2)
-    assert pw.kernel_size == (1, 1) and pw.out_channels == 16
+    ds = helpers.DepthwiseSeparable(8, 16, k=5, stride=2)
+    dw, pw = ds[0], ds[1]  # nothing between the depthwise and the pointwise conv
+    assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d)
+    assert dw.groups == 8 and dw.kernel_size == (5, 5) and dw.stride == (2, 2)
+    assert pw.kernel_size == (1, 1) and pw.out_channels == 16 and pw.groups == 1
     assert ds(torch.randn(1, 8, 8, 8)).shape == (1, 16, 4, 4)
+    assert sum(p.numel() for p in ds.parameters()) == 8 * 25 + 8 * 16 + 2 * 16
+
+
+@pytest.mark.parametrize("act, kind", [("relu", nn.ReLU), ("gelu", nn.GELU)])
+def test_activation_option(act, kind):
+    model = helpers.Net(SMALL, act=act)
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.GELU))]
+    assert acts and all(isinstance(m, kind) for m in acts)
 
 
 # --------------------------------------------------------------------------- MACs
@@ -128,18 +152,18 @@ def test_maxpool_breaks_only_that_rule():
 
 def test_maxpool_downsampler_breaks_downsampling_rule():
     model = helpers.Net(SMALL)
-    model.c1[2] = nn.Sequential(helpers.ConvBNAct(16, 32), nn.MaxPool2d(2))
+    model.c2[0] = nn.Sequential(helpers.ConvBNAct(16, 32), nn.MaxPool2d(2))
     assert _failing(model) == {"no MaxPooling", "downsampling"}
 
 
 def test_missing_dilation_breaks_only_that_rule():
     model = helpers.Net(SMALL)
-    model.c3[0].body[0] = helpers.DepthwiseSeparable(64, 64)
+    model.c2[1].body[0] = helpers.ConvBNAct(32, 32)
     assert _failing(model) == {"dilated conv"}
 
 
 def test_too_many_parameters():
-    model = helpers.Net((64, 128, 256, 384))
+    model = helpers.Net((64, 128, 256, 384), (0, 1, 1, 1))
     assert helpers.count_parameters(model) > 200_000
     assert _failing(model) == {"parameters"}
 
@@ -225,63 +249,47 @@ def test_rf_table_n_out_matches_real_sizes():
 def test_rf_default_net_table_and_empirical_agree():
     model = helpers.Net()
     table = helpers.receptive_field_table(model)
-    # conv rows: c1 3, c2 residual 1+2, c2 down 2, c3 residual 2+2, c3 down 2, c4 2
+    # conv rows: c1 stem 1; c2 down 1 + block 2; c3 down 2 + block 4; c4 down 2 + block 4
     assert len(table) == 16
     assert table["n_out"].iloc[0] == 32 and table["n_out"].iloc[-1] == 4
+    assert table["dilation"].max() == 2
     rf = int(table["rf"].iloc[-1])
-    assert rf == 67 and rf > 44
-    assert helpers.empirical_receptive_field(model) == 67
+    assert rf > 44
+    assert helpers.empirical_receptive_field(model) == rf
 
 
-def test_rf_small_net_same_as_default():
-    assert _final_rf(helpers.Net(SMALL)) == 67
+def test_rf_grows_with_kernel_and_depth():
+    base = _final_rf(helpers.Net(SMALL))
+    assert _final_rf(helpers.Net(SMALL, kernel=5)) > base
+    assert _final_rf(helpers.Net(SMALL, depths=(1, 1, 1, 1))) == base + 4
 
 
-# --------------------------------------------------------------------------- block options
-def test_mid_option_sets_the_layers_between_depthwise_and_pointwise():
-    def count(model, kind):
-        return sum(isinstance(m, kind) for m in model.modules())
-
-    base = helpers.Net(SMALL)
-    n_dws = count(base, helpers.DepthwiseSeparable)
-    assert n_dws >= 1
-    for mid, relus_lost, bns_lost in (("bn", 1, 0), ("none", 1, 1)):
-        model = helpers.Net(SMALL, mid=mid)
-        assert count(base, nn.ReLU) - count(model, nn.ReLU) == relus_lost * n_dws, mid
-        assert count(base, nn.BatchNorm2d) - count(model, nn.BatchNorm2d) == bns_lost * n_dws
-        assert _failing(model) == set(), mid
-    block = helpers.DepthwiseSeparable(4, 6, mid="none")  # depthwise conv feeds pointwise
-    assert isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.Conv2d)
-    assert block[0].groups == 4 and block[1].kernel_size == (1, 1)
-
-
-def test_zero_init_makes_every_residual_block_the_identity():
+# --------------------------------------------------------------------------- whitening
+def test_whiten_stem_whitens_patches_and_freezes():
     torch.manual_seed(0)
-    model = helpers.Net(SMALL, zero_init=True).eval()
-    blocks = [m for m in model.modules() if isinstance(m, helpers.Residual)]
-    assert len(blocks) >= 3
-    x = torch.randn(2, 3, 32, 32)
-    seen = {}
-
-    def record(mod, inp, out):
-        seen[mod] = (inp[0].clone(), out.clone())
-
-    hooks = [b.register_forward_hook(record) for b in blocks]
-    model(x)
-    for h in hooks:
-        h.remove()
-    assert len(seen) == len(blocks)
-    assert all(torch.equal(inp, out) for inp, out in seen.values())
-    default = helpers.Net(SMALL).eval()  # without zero_init a block changes its input
-    b = [m for m in default.modules() if isinstance(m, helpers.Residual)][0]
-    z = torch.randn(1, b.body[0][0].in_channels, 16, 16)
-    assert not torch.equal(b(z), z)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (300, 8, 8, 3)).astype(np.float64)
+    images = np.kron(base, np.ones((1, 4, 4, 1))).astype(np.uint8)  # correlated patches
+    model = helpers.Net(SMALL)
+    helpers.whiten_stem(model, images, eps=1e-6)
+    conv = model.c1[0][0]
+    assert not conv.weight.requires_grad
+    x = model.norm(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+    out = torch.nn.functional.conv2d(x, conv.weight).double()
+    k = conv.out_channels // 2
+    feats = out[:, :k].permute(1, 0, 2, 3).reshape(k, -1)
+    cov = torch.cov(feats)
+    torch.testing.assert_close(cov, torch.eye(k, dtype=cov.dtype), atol=0.05, rtol=0)
+    torch.testing.assert_close(out[:, k:], -out[:, :k])
+    assert all(p is not conv.weight for g in helpers.make_optimizer(
+        model, helpers.Recipe()).param_groups for p in g["params"])
 
 
 def test_build_model_follows_the_recipe():
-    r = helpers.Recipe(widths=SMALL, mid="none", zero_init=True, dropout=0.3)
-    model = helpers.build_model(r, num_classes=3)
+    r = helpers.Recipe(widths=SMALL, depths=(1, 1, 2, 1), kernel=5, act="gelu", dropout=0.3)
+    model = helpers.build_model(r, num_classes=3, mean=(0.5,) * 3, std=(0.2,) * 3)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
-    assert helpers.count_parameters(model) == helpers.count_parameters(
-        helpers.Net(SMALL, num_classes=3, mid="none"))
+    ref = helpers.Net(SMALL, (1, 1, 2, 1), 3, kernel=5, act="gelu")
+    assert helpers.count_parameters(model) == helpers.count_parameters(ref)
     assert model.out[1].p == 0.3
+    torch.testing.assert_close(model.norm.shift.flatten(), torch.full((3,), -2.5))

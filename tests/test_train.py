@@ -25,11 +25,11 @@ KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seco
 
 
 def _loaders(x, y, batch_size=16, test=None):
-    mean, std = helpers.compute_mean_std(x)
-    train_ds = helpers.CifarDataset(x, y, helpers.train_transforms(mean, std, seed=0))
+    mean, _ = helpers.compute_mean_std(x)
+    train_ds = helpers.CifarDataset(x, y, helpers.exercise_augmentations(mean, seed=0))
     tx, ty = test if test is not None else (x, y)
-    test_ds = helpers.CifarDataset(tx, ty, helpers.test_transforms(mean, std))
-    return helpers.make_loaders(train_ds, test_ds, batch_size=batch_size, num_workers=0)
+    return helpers.make_loaders(train_ds, helpers.CifarDataset(tx, ty), batch_size=batch_size,
+                                num_workers=0)
 
 
 def _brightest_channel(n_per_class: int, seed: int):
@@ -157,7 +157,7 @@ class _NaNImages(Dataset):
         return 32
 
     def __getitem__(self, i):
-        return torch.full((3, 32, 32), float("nan")), i % 10
+        return torch.full((32, 32, 3), float("nan")), i % 10
 
 
 def test_fit_stops_on_nan(cpu):
@@ -185,13 +185,13 @@ def test_train_one_epoch_stops_on_nan_loss(random_data, cpu):
 def test_train_one_epoch_returns_mean_loss_and_accuracy(cpu):
     """A fixed linear model with lr 0: compare against a manual pass over the batches."""
     torch.manual_seed(0)
-    x = torch.randn(24, 3, 32, 32)
+    x = torch.randn(24, 32, 32, 3)  # NHWC, as the loader gives
     y = torch.randint(0, 10, (24,))
     loader = DataLoader(list(zip(x, y)), batch_size=8)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x.permute(0, 3, 1, 2))
     ref_loss = F.cross_entropy(logits, y).item()
     ref_acc = (logits.argmax(1) == y).float().mean().item()
     loss, acc = helpers.train_one_epoch(model, loader, opt, None, nn.CrossEntropyLoss(), cpu,
@@ -203,13 +203,14 @@ def test_train_one_epoch_returns_mean_loss_and_accuracy(cpu):
 # --------------------------------------------------------------------------- evaluate
 def test_evaluate_matches_manual_computation(cpu):
     torch.manual_seed(1)
-    x = torch.randn(20, 3, 32, 32)
+    x = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
     y = torch.randint(0, 10, (20,))
-    loader = DataLoader(list(zip(x, y)), batch_size=6)
+    loader = helpers.TensorBatches(x, y, batch_size=6)
     model = helpers.Net(TINY).eval()
     with torch.no_grad():
-        logits = model(x)
-        flipped = (logits + model(torch.flip(x, dims=[3]))) / 2
+        xc = x.permute(0, 3, 1, 2).float()
+        logits = model(xc)
+        flipped = (logits + model(torch.flip(xc, dims=[3]))) / 2
     loss, acc = helpers.evaluate(model, loader, cpu)
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
     assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
@@ -221,7 +222,7 @@ def test_evaluate_matches_manual_computation(cpu):
 
 def test_evaluate_leaves_model_in_eval_and_does_not_train(cpu):
     model = helpers.Net(TINY).train()
-    loader = DataLoader([(torch.randn(3, 32, 32), 1) for _ in range(4)], batch_size=2)
+    loader = DataLoader([(torch.randn(32, 32, 3), 1) for _ in range(4)], batch_size=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     helpers.evaluate(model, loader, cpu, tta=True)
     for k, v in model.state_dict().items():  # BatchNorm statistics untouched
@@ -233,7 +234,7 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = helpers.Net(TINY)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randint(0, 256, (4, 3, 32, 32)).float()
     model(x).sum().backward()
     opt.step()
     model.eval()
@@ -335,17 +336,16 @@ def test_get_device_cpu(monkeypatch, capsys):
 
 
 def test_recipes_are_sane():
-    assert set(helpers.RECIPES) >= {"fast", "standard", "small"}
+    assert set(helpers.RECIPES) == {"fast", "accurate", "small"}
     for name, r in helpers.RECIPES.items():
         assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
-        model = helpers.Net(r.widths)
+        model = helpers.build_model(r)
         assert helpers.count_parameters(model) < 200_000, name
         assert helpers.check_rules(model)["passed"].all(), name
-    for name in ("small", "small-long"):  # issue 3, target 3
-        assert helpers.count_parameters(helpers.build_model(helpers.RECIPES[name])) <= 50_000
-    assert helpers.RECIPES["fast"].epochs <= 15  # issue 3, target 1
-    fast = replace(helpers.RECIPES["fast"], epochs=1)
-    assert fast.epochs == 1 and helpers.RECIPES["fast"].epochs != 1
+        assert min(r.p_flip, r.p_affine, r.p_dropout) >= 0.25, name  # each on a quarter or more
+    assert helpers.count_parameters(helpers.build_model(helpers.RECIPES["small"])) <= 50_000
+    assert helpers.RECIPES["fast"].epochs <= 10  # the default's epoch budget
+    assert helpers.RECIPES["accurate"].epochs <= 100
 
 
 # --------------------------------------------------------------------------- import, CLI
@@ -406,14 +406,17 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     assert {p.name for p in tmp_path.iterdir()} == {"png", "run"}  # nothing else in cwd
 
 
-def test_cli_block_options_reach_the_recipe():
+def test_cli_model_options_reach_the_recipe():
     parse = helpers._build_parser().parse_args
-    base = ["train", "--data-dir", "x", "--recipe", "small-long"]
-    r = helpers._recipe_from_args(parse(base + ["--mid", "none", "--zero-init"]))
-    assert (r.mid, r.zero_init, r.epochs) == ("none", True, 60)
+    base = ["train", "--data-dir", "x", "--recipe", "small"]
+    r = helpers._recipe_from_args(parse(base + [
+        "--depths", "1", "2", "1", "1", "--kernel", "5", "--act", "relu", "--whiten",
+        "--aug-ramp", "down", "--mixup", "0.2"]))
+    assert (r.depths, r.kernel, r.act, r.whiten, r.aug_ramp, r.mixup) == (
+        (1, 2, 1, 1), 5, "relu", True, "down", 0.2)
+    assert r.widths == helpers.RECIPES["small"].widths
     r = helpers._recipe_from_args(parse(base))  # flags not given: the recipe's values
-    assert (r.mid, r.zero_init) == ("bn-relu", False)
-    assert r == helpers.RECIPES["small-long"]
+    assert r == helpers.RECIPES["small"]
 
 
 def test_cli_val_fraction_holds_out_training_images(tmp_path, png_root):
