@@ -42,8 +42,9 @@ __all__ = [
     "evaluate", "fit", "save_checkpoint", "load_checkpoint", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
     "per_class_accuracy", "grad_cam",
-    "plot_image_grid", "plot_augmentations", "plot_history", "plot_misclassified",
-    "plot_confusion_matrix", "plot_gradcam", "plot_receptive_field", "save_figure", "main",
+    "plot_image_grid", "plot_augmentations", "plot_augmentation_rows", "plot_history",
+    "plot_misclassified", "plot_confusion_matrix", "plot_gradcam", "plot_receptive_field",
+    "figures_folder", "save_figure", "main",
 ]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -237,17 +238,27 @@ def compute_mean_std(images: np.ndarray, chunk: int = 10_000
 
 # --------------------------------------------------------------------------- augmentation
 # How the exercise's wording (albumentations 1.x names) maps onto the 2.x API used here.
+# Version history: 1.4.5 added CoarseDropout's *_range arguments, 1.4.21 Compose(seed=...),
+# 1.4.22 CoarseDropout's fill/fill_mask; each kept the old names as deprecated until 2.0.0
+# removed them. Since 2.0 an old name is ignored with only a warning ("not valid for transform").
 AUGMENTATION_MAPPING = [
     ("HorizontalFlip(p)", "HorizontalFlip(p)", "unchanged"),
     ("ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=15)",
      "Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15), "
-     "border_mode=cv2.BORDER_REFLECT_101)",
-     "ShiftScaleRotate is deprecated in 2.x; Affine does the same, reflect border kept"),
+     "keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101)",
+     "1.x ShiftScaleRotate draws one scale factor for both axes; Affine draws one per axis "
+     "unless keep_ratio=True. Since 2.0 ShiftScaleRotate is a special case of Affine (with "
+     "keep_ratio=False) that warns to use Affine. ShiftScaleRotate's default border was "
+     "reflect-101; Affine's (and since 2.0 ShiftScaleRotate's) is constant (black), so the "
+     "border is set explicitly"),
     ("CoarseDropout(max_holes=1, max_height=16, max_width=16, min_holes=1, "
      "min_height=16, min_width=16, fill_value=mean, mask_fill_value=None)",
      "CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), "
      "hole_width_range=(16, 16), fill=mean * 255, fill_mask=None)",
-     "2.x ignores the old names with only a warning, so they must be renamed"),
+     "renamed: the *_range arguments came in 1.4.5, fill and fill_mask in 1.4.22, and 2.0 "
+     "removed the old names: they are ignored with only a warning and the defaults apply "
+     "(1-2 holes of 10-20% of the side, filled black). The fill is in pixel units because "
+     "the hole is cut before normalisation"),
 ]
 
 
@@ -260,7 +271,7 @@ def exercise_augmentations(mean: Sequence[float], p_flip: float = 0.5, p_affine:
     return A.Compose([
         A.HorizontalFlip(p=p_flip),
         A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
-                 border_mode=cv2.BORDER_REFLECT_101, p=p_affine),
+                 keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101, p=p_affine),
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
                         hole_width_range=(16, 16), fill=fill, fill_mask=None, p=p_dropout),
     ], seed=seed)
@@ -554,12 +565,50 @@ def count_macs(model: nn.Module, input_size: int = 32) -> int:
     return total
 
 
+def _layer_label(model: nn.Module, name: str) -> str:
+    """A readable name for the layer at ``name`` in a ``Net`` ("residual 1, conv 2").
+
+    Stems, downsamplers, residual blocks and the two halves of a depthwise separable conv
+    are named by what they are; layers of other models keep their module path.
+    """
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] not in ("c1", "c2", "c3", "c4"):
+        return name
+    words: list[str] = []
+    parent, prev = getattr(model, parts[0]), ""
+    for key in parts[1:]:
+        child = parent._modules[key]
+        if isinstance(child, Residual):
+            siblings = [m for m in parent.children() if isinstance(m, Residual)]
+            words.append(f"residual {siblings.index(child) + 1}")
+        elif isinstance(child, (ConvBNAct, DepthwiseSeparable)):
+            sep = isinstance(child, DepthwiseSeparable)
+            if prev == "body":  # one of the two convs of a residual block
+                words.append(f"{'separable' if sep else 'conv'} {int(key) + 1}")
+            elif _pair(child[0].stride) > 1:
+                words.append("downsample")
+            else:
+                words.append("stem" if parts[0] == "c1" and key == "0"
+                             else "separable" if sep else "conv")
+        elif isinstance(child, nn.Conv2d) and isinstance(parent, DepthwiseSeparable):
+            words.append("depthwise" if child.groups > 1 else "pointwise")
+        parent, prev = child, key
+    return ", ".join(words) or name
+
+
+def _block_of(name: str) -> str:
+    head = name.split(".")[0]
+    return head.upper() if head in ("c1", "c2", "c3", "c4") else "-"
+
+
 def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
     """RF table from the model's real conv/pool layers in the order they run.
 
     For each layer with kernel k, dilation d, stride s and padding p (effective kernel
-    k_eff = d(k-1)+1): n_out = floor((n_in + 2p - k_eff)/s) + 1, r_out = r_in + (k_eff-1)*j_in,
+    k_eff = d(k-1)+1): n_out = floor((n_in + 2p - k_eff)/s) + 1, rf_out = rf_in + (k_eff-1)*j_in,
     j_out = j_in*s. With identity skips only, the longest path is the chain of convs.
+    Columns: block (C1..C4), layer (a readable name), kind, kernel, stride, dilation, padding,
+    n_in/n_out (feature-map size), jump_in/jump_out, rf_in/rf_out, module (the module path).
     """
     import pandas as pd
     rows, n, j, r = [], input_size, 1, 1
@@ -570,14 +619,16 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
         k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
         d = _pair(getattr(m, "dilation", 1))
         k_eff = d * (k - 1) + 1
-        n_in, j_in = n, j
+        n_in, j_in, r_in = n, j, r
         n = (n + 2 * p - k_eff) // s + 1
         r, j = r + (k_eff - 1) * j_in, j_in * s
         groups = getattr(m, "groups", 1)
         kind = ("depthwise" if groups > 1 else "pointwise" if k == 1 else "conv") \
             if isinstance(m, nn.Conv2d) else type(m).__name__
-        rows.append(dict(layer=rec["name"], kind=kind, kernel=k, stride=s, padding=p,
-                         dilation=d, n_in=n_in, n_out=n, jump_in=j_in, rf=r))
+        rows.append(dict(block=_block_of(rec["name"]), layer=_layer_label(model, rec["name"]),
+                         kind=kind, kernel=k, stride=s, dilation=d, padding=p, n_in=n_in,
+                         n_out=n, jump_in=j_in, jump_out=j, rf_in=r_in, rf_out=r,
+                         module=rec["name"]))
         assert n == rec["out_shape"][-1], f"size mismatch at {rec['name']}"
     return pd.DataFrame(rows)
 
@@ -594,8 +645,8 @@ def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     return int(rows.max() - rows.min() + 1)
 
 
-def _downsamplers(records: list[dict]) -> list[tuple[str, bool]]:
-    """Describe each layer that shrinks the feature map, and whether the rules allow it."""
+def _downsamplers(model: nn.Module, records: list[dict]) -> list[tuple[str, str, bool]]:
+    """Each layer that shrinks the feature map: (where, what, whether the rules allow it)."""
     found = []
     for rec in records:
         m, n_in, n_out = rec["module"], rec["in_shape"][-1], rec["out_shape"][-1]
@@ -603,14 +654,22 @@ def _downsamplers(records: list[dict]) -> list[tuple[str, bool]]:
             continue
         k, s = _pair(getattr(m, "kernel_size", 0)), _pair(getattr(m, "stride", 1))
         d = _pair(getattr(m, "dilation", 1))
-        desc = f"{rec['name']}: {type(m).__name__} {k}x{k} stride {s} dilation {d} " \
-               f"({n_in}->{n_out})"
-        found.append((desc, isinstance(m, nn.Conv2d) and ((k == 3 and s == 2) or d > 1)))
+        block, label = _block_of(rec["name"]), _layer_label(model, rec["name"])
+        where = f"{block} {label}" if block != "-" else label
+        kind = ("depthwise conv" if m.groups > 1 else "conv") if isinstance(m, nn.Conv2d) \
+            else type(m).__name__
+        what = (f"{kind} {k}x{k}, stride {s}, dilation {d}: "
+                f"{n_in}x{n_in} -> {n_out}x{n_out} ({rec['name']})")
+        found.append((where, what, isinstance(m, nn.Conv2d) and ((k == 3 and s == 2) or d > 1)))
     return found
 
 
 def check_rules(model: nn.Module, input_size: int = 32) -> Any:
-    """The exercise's rules, each with the measured value and pass or fail, as a DataFrame."""
+    """The exercise's rules, each with the measured value and pass or fail, as a DataFrame.
+
+    Every layer that shrinks the feature map gets its own row ("downsampling: C2
+    downsample"), after a row that counts them ("downsampling layers": exactly three).
+    """
     import pandas as pd
     recs = _trace_layers(model, input_size)
     convs = [r["module"] for r in recs if isinstance(r["module"], nn.Conv2d)]
@@ -621,23 +680,23 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
     gap = [r for r in recs if isinstance(r["module"], nn.AdaptiveAvgPool2d)
            and r["out_shape"][-2:] == (1, 1)]
     blocks = [n for n in ("c1", "c2", "c3", "c4") if hasattr(model, n)]
-    rf = int(receptive_field_table(model, input_size)["rf"].iloc[-1])
-    downs = _downsamplers(recs)
+    rf = int(receptive_field_table(model, input_size)["rf_out"].iloc[-1])
+    downs = _downsamplers(model, recs)
     n_params = count_parameters(model)
+    n_maxpool = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
     rules = [
         ("C1 C2 C3 C4 then output", "blocks c1..c4", ", ".join(blocks), len(blocks) == 4),
         ("parameters", "< 200,000", f"{n_params:,}", n_params < 200_000),
-        ("no MaxPooling", "0 MaxPool layers",
-         str(sum(isinstance(m, nn.MaxPool2d) for m in model.modules())),
-         not any(isinstance(m, nn.MaxPool2d) for m in model.modules())),
+        ("no MaxPooling", "0 MaxPool layers", str(n_maxpool), n_maxpool == 0),
         ("depthwise separable conv", ">= 1", str(dw_sep), dw_sep >= 1),
         ("dilated conv", ">= 1", str(dilated), dilated >= 1),
         ("global average pooling", "present", str(len(gap)), len(gap) >= 1),
         ("receptive field", "> 44", str(rf), rf > 44),
-        ("downsampling", "3x 3x3 stride 2 (or dilated)",
-         "; ".join(desc for desc, _ in downs) or "none",
-         len(downs) == 3 and all(ok for _, ok in downs)),
+        ("downsampling layers", "3, each a 3x3 conv of stride 2 (or dilated)", str(len(downs)),
+         len(downs) == 3 and all(ok for *_, ok in downs)),
     ]
+    rules += [(f"downsampling: {where}", "3x3 conv, stride 2 (or dilated)", what, ok)
+              for where, what, ok in downs]
     df = pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
     df["passed"] = df["passed"].astype(bool)
     return df
@@ -1074,15 +1133,17 @@ def plot_gradcam(model: nn.Module, images: np.ndarray, labels: np.ndarray, preds
 def plot_receptive_field(table: Any) -> Any:
     """Receptive field after each layer of a ``receptive_field_table``, with the 44 bar."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     colors = {"conv": "tab:blue", "depthwise": "tab:orange", "pointwise": "tab:grey"}
-    labels = [f"{row.layer} ({row.n_out}x{row.n_out})" for row in table.itertuples()]
-    ax.bar(range(len(table)), table["rf"], color=[colors.get(k, "tab:green")
-                                                   for k in table["kind"]])
+    labels = [f"{row.block} {row.layer} ({row.n_out}x{row.n_out})" if row.block != "-"
+              else f"{row.layer} ({row.n_out}x{row.n_out})" for row in table.itertuples()]
+    ax.bar(range(len(table)), table["rf_out"], color=[colors.get(k, "tab:green")
+                                                       for k in table["kind"]])
     for i, row in enumerate(table.itertuples()):
         note = f"s{row.stride}" if row.stride > 1 else f"d{row.dilation}" if row.dilation > 1 \
             else ""
-        ax.text(i, row.rf + 1, f"{row.rf}{' ' + note if note else ''}", ha="center", fontsize=7)
+        ax.text(i, row.rf_out + 1, f"{row.rf_out}{' ' + note if note else ''}", ha="center",
+                fontsize=7)
     ax.axhline(44, color="red", ls="--", lw=1, label="rule: RF > 44")
     ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("receptive field (pixels)")
@@ -1093,14 +1154,37 @@ def plot_receptive_field(table: Any) -> Any:
     return fig
 
 
-def save_figure(fig: Any, folder: str | os.PathLike, name: str) -> Path | None:
-    """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty."""
+def plot_augmentation_rows(image: np.ndarray, augments: dict[str, Callable],
+                           n_aug: int = 5) -> Any:
+    """One row per named augmentation: ``image`` (first column), then ``n_aug`` outputs."""
+    fig, axes = _grid(len(augments) * (n_aug + 1), n_aug + 1)
+    for r, (name, augment) in enumerate(augments.items()):
+        row = [image] + [augment(image=image)["image"] for _ in range(n_aug)]
+        for c, shown in enumerate(row):
+            ax = axes[r * (n_aug + 1) + c]
+            ax.imshow(shown)
+            ax.set_title("original" if c == 0 else name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figures_folder(requested: str | os.PathLike | None, smoke: bool,
+                   default: str = "images") -> str | None:
+    """Where a notebook run saves its figures: ``requested`` when given ("" saves nothing);
+    else ``default`` in a full run and nowhere in a smoke run, so that a smoke run never
+    replaces the figures of a full run."""
+    if requested is not None:
+        return str(requested) or None
+    return None if smoke else default
+
+
+def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
+    """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty/None."""
     if not folder:
-        return None
+        return
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
 
 
 # --------------------------------------------------------------------------- command line

@@ -155,3 +155,20 @@ def test_augmentation_mapping_names_new_api():
 def test_mapping_new_side_avoids_old_names(bad):
     new_side = " ".join(row[1] for row in helpers.AUGMENTATION_MAPPING)
     assert bad not in new_side
+
+
+def test_affine_keeps_the_aspect_ratio():
+    """ShiftScaleRotate drew one scale for both axes: the Affine must too (keep_ratio)."""
+    import albumentations as A
+    aug = helpers.exercise_augmentations(MEAN, 0.5, 0.5, 0.5, seed=0)
+    affine = [t for t in aug.transforms if isinstance(t, A.Affine)]
+    assert len(affine) == 1 and affine[0].keep_ratio is True
+    assert affine[0].scale["x"] == affine[0].scale["y"] == (0.9, 1.1)
+    mapped = [row[1] for row in helpers.AUGMENTATION_MAPPING if row[1].startswith("Affine")]
+    assert mapped and "keep_ratio=True" in mapped[0]
+
+
+def test_mapping_names_the_versions_that_renamed():
+    notes = {row[0].split("(")[0]: row[2] for row in helpers.AUGMENTATION_MAPPING}
+    assert "1.4.5" in notes["CoarseDropout"] and "1.4.22" in notes["CoarseDropout"]
+    assert "2.0" in notes["CoarseDropout"] and "2.0" in notes["ShiftScaleRotate"]

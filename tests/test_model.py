@@ -136,8 +136,20 @@ def test_count_macs_stride_and_input_size():
 def test_default_net_passes_every_rule():
     df = helpers.check_rules(helpers.Net())
     assert list(df.columns) == ["rule", "required", "measured", "passed"]
-    assert len(df) == 8
+    assert len(df) == 8 + 3  # seven rules, the count of downsamplers, one row per downsampler
     assert df["passed"].all(), df.to_string()
+
+
+def test_each_downsampler_has_its_own_row():
+    df = helpers.check_rules(helpers.Net(SMALL)).set_index("rule")
+    rows = [r for r in df.index if r.startswith("downsampling: ")]
+    assert rows == ["downsampling: C2 downsample", "downsampling: C3 downsample, depthwise",
+                    "downsampling: C4 downsample, depthwise"]
+    assert df.loc["downsampling layers", "measured"] == "3"
+    assert "conv 3x3, stride 2" in df.loc[rows[0], "measured"]
+    assert "32x32 -> 16x16" in df.loc[rows[0], "measured"]
+    assert "depthwise conv 3x3, stride 2" in df.loc[rows[2], "measured"]
+    assert "8x8 -> 4x4" in df.loc[rows[2], "measured"]
 
 
 def test_small_net_passes_every_rule():
@@ -153,7 +165,17 @@ def test_maxpool_breaks_only_that_rule():
 def test_maxpool_downsampler_breaks_downsampling_rule():
     model = helpers.Net(SMALL)
     model.c2[0] = nn.Sequential(helpers.ConvBNAct(16, 32), nn.MaxPool2d(2))
-    assert _failing(model) == {"no MaxPooling", "downsampling"}
+    assert _failing(model) == {"no MaxPooling", "downsampling layers", "downsampling: C2 c2.0.1"}
+    df = helpers.check_rules(model).set_index("rule")
+    assert df.loc["downsampling: C2 c2.0.1", "measured"].startswith("MaxPool2d 2x2, stride 2")
+
+
+def test_a_fourth_downsampler_breaks_the_count_only():
+    model = helpers.Net(SMALL)
+    model.c4[0] = nn.Sequential(model.c4[0], helpers.ConvBNAct(64, 64, stride=2))
+    assert _failing(model) == {"downsampling layers"}
+    df = helpers.check_rules(model).set_index("rule")
+    assert df.loc["downsampling layers", "measured"] == "4"
 
 
 def test_missing_dilation_breaks_only_that_rule():
@@ -190,8 +212,9 @@ def test_plain_model_fails_the_right_rules():
     assert not rules["depthwise separable conv"]
     assert not rules["dilated conv"]
     assert not rules["receptive field"]  # rf 7
-    assert not rules["downsampling"]
+    assert not rules["downsampling layers"]
     df = helpers.check_rules(_Plain()).set_index("rule")
+    assert df.loc["downsampling layers", "measured"] == "0"
     assert df.loc["receptive field", "measured"] == "7"
 
 
@@ -203,13 +226,13 @@ def test_check_rules_does_not_change_training_mode():
 
 # --------------------------------------------------------------------------- receptive field
 def _final_rf(model, size: int = 32) -> int:
-    return int(helpers.receptive_field_table(model, size)["rf"].iloc[-1])
+    return int(helpers.receptive_field_table(model, size)["rf_out"].iloc[-1])
 
 
 def test_rf_two_3x3_convs():
     model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
     table = helpers.receptive_field_table(model)
-    assert table["rf"].tolist() == [3, 5]
+    assert table["rf_out"].tolist() == [3, 5]
     assert table["n_out"].tolist() == [32, 32]
     assert helpers.empirical_receptive_field(model) == 5
 
@@ -218,8 +241,10 @@ def test_rf_stride_2_then_3x3():
     model = nn.Sequential(nn.Conv2d(3, 2, 3, stride=2, padding=1),
                           nn.Conv2d(2, 2, 3, padding=1))
     table = helpers.receptive_field_table(model)
-    assert table["rf"].tolist() == [3, 7]
+    assert table["rf_out"].tolist() == [3, 7]
+    assert table["rf_in"].tolist() == [1, 3]
     assert table["jump_in"].tolist() == [1, 2]
+    assert table["jump_out"].tolist() == [2, 2]
     assert table["n_out"].tolist() == [16, 16]
     assert helpers.empirical_receptive_field(model) == 7
 
@@ -227,7 +252,7 @@ def test_rf_stride_2_then_3x3():
 def test_rf_dilated_3x3():
     model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=2, dilation=2))
     table = helpers.receptive_field_table(model)
-    assert table["rf"].tolist() == [5]
+    assert table["rf_out"].tolist() == [5]
     assert table["dilation"].tolist() == [2]
     assert helpers.empirical_receptive_field(model) == 5
 
@@ -242,7 +267,7 @@ def test_rf_table_n_out_matches_real_sizes():
         sizes.append(x.shape[-1])
     assert table["n_out"].tolist() == sizes == [30, 14, 14]
     # rf: 3, then +2*1 = 5, then +4*2 = 13
-    assert table["rf"].tolist() == [3, 5, 13]
+    assert table["rf_out"].tolist() == [3, 5, 13]
     assert helpers.empirical_receptive_field(model) == 13
 
 
@@ -253,9 +278,35 @@ def test_rf_default_net_table_and_empirical_agree():
     assert len(table) == 16
     assert table["n_out"].iloc[0] == 32 and table["n_out"].iloc[-1] == 4
     assert table["dilation"].max() == 2
-    rf = int(table["rf"].iloc[-1])
+    rf = int(table["rf_out"].iloc[-1])
     assert rf > 44
     assert helpers.empirical_receptive_field(model) == rf
+
+
+def test_rf_table_columns_and_readable_names():
+    table = helpers.receptive_field_table(helpers.Net(SMALL, depths=(1, 1, 1, 1)))
+    assert list(table.columns) == ["block", "layer", "kind", "kernel", "stride", "dilation",
+                                   "padding", "n_in", "n_out", "jump_in", "jump_out", "rf_in",
+                                   "rf_out", "module"]
+    assert table["block"].tolist() == ["C1"] * 3 + ["C2"] * 3 + ["C3"] * 6 + ["C4"] * 6
+    rows = dict(zip(table["module"], table["layer"]))
+    assert rows["c1.0.0"] == "stem"
+    assert rows["c1.1.body.1.0"] == "residual 1, conv 2"
+    assert rows["c2.0.0"] == "downsample"
+    assert rows["c3.0.0"] == "downsample, depthwise"
+    assert rows["c3.0.1"] == "downsample, pointwise"
+    assert rows["c4.1.body.1.0"] == "residual 1, separable 2, depthwise"
+    # each row starts where the previous one ended
+    assert table["rf_in"].tolist()[1:] == table["rf_out"].tolist()[:-1]
+    assert table["jump_in"].tolist()[1:] == table["jump_out"].tolist()[:-1]
+    assert table["n_in"].tolist()[1:] == table["n_out"].tolist()[:-1]
+    assert (table["jump_out"] == table["jump_in"] * table["stride"]).all()
+
+
+def test_rf_table_of_other_models_keeps_module_paths():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1))
+    table = helpers.receptive_field_table(model)
+    assert table["block"].tolist() == ["-"] and table["layer"].tolist() == ["0"]
 
 
 def test_rf_grows_with_kernel_and_depth():

@@ -237,3 +237,46 @@ def test_plot_gradcam_none_wrong(images):
     labels = np.zeros(12, dtype=np.int64)
     fig = helpers.plot_gradcam(model, images, labels, labels, CLASSES, model.c4)
     assert isinstance(fig, Figure)
+
+
+def test_plot_augmentation_rows(images):
+    augments = {name: helpers.exercise_augmentations(MEAN, *p, seed=0)
+                for name, p in (("flip", (1, 0, 0)), ("affine", (0, 1, 0)),
+                                ("cutout", (0, 0, 1)))}
+    fig = helpers.plot_augmentation_rows(images[0], augments, n_aug=3)
+    assert isinstance(fig, Figure)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["original", "flip", "flip", "flip", "original", "affine", "affine",
+                      "affine", "original", "cutout", "cutout", "cutout"]
+    shown = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    np.testing.assert_array_equal(shown[1], images[0][:, ::-1])  # the flip at p = 1
+
+
+def test_plot_receptive_field():
+    table = helpers.receptive_field_table(helpers.Net(TINY))
+    fig = helpers.plot_receptive_field(table)
+    assert isinstance(fig, Figure)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks[0] == "C1 stem (32x32)" and ticks[1] == "C2 downsample (16x16)"
+    assert len(fig.axes[0].patches) == len(table)
+
+
+# --------------------------------------------------------------------------- figures folder
+@pytest.mark.parametrize("requested, smoke, expected", [
+    (None, False, "images"),    # a full run writes the README's figures
+    (None, True, None),         # a smoke run never does
+    ("out/figs", True, "out/figs"),  # unless a folder is named explicitly
+    ("out/figs", False, "out/figs"),
+    ("", False, None),          # "" saves nothing
+])
+def test_figures_folder(requested, smoke, expected):
+    assert helpers.figures_folder(requested, smoke) == expected
+
+
+def test_save_figure_writes_png_or_nothing(tmp_path):
+    fig, _ = plt.subplots()
+    assert helpers.save_figure(fig, tmp_path / "figs", "a.png") is None  # no echo in notebooks
+    assert (tmp_path / "figs" / "a.png").read_bytes()[:4] == b"\x89PNG"
+    for folder in (None, ""):
+        helpers.save_figure(fig, folder, "b.png")
+    assert not list(tmp_path.rglob("b.png"))
