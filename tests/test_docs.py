@@ -1,0 +1,61 @@
+"""README.md is a product page, EXPERIMENTS.md the research log; requirements match the code."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXPERIMENTS = (ROOT / "EXPERIMENTS.md").read_text()
+NOTEBOOK_TEXT = "\n".join("".join(c["source"]) for c in json.loads(
+    (ROOT / "EVA8_session6.ipynb").read_text())["cells"] if c["cell_type"] == "markdown")
+
+
+def test_readme_sections_in_order():
+    headings = re.findall(r"^## (.+)$", README, flags=re.M)
+    assert headings[:5] == ["The two commands", "Results", "Figures", "Data",
+                            "What `helpers.py` offers"]
+    assert "Tests" in headings
+    intro = README.split("\n## ")[0]
+    assert "colab-badge.svg" in intro  # what it is, then Open in Colab, then the commands
+
+
+def test_readme_two_commands_run_on_a_fresh_clone():
+    section = README.split("## The two commands")[1].split("\n## ")[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and all(len(b.strip().splitlines()) == 1 for b in blocks)
+    main, tests = (b.strip() for b in blocks)
+    assert main.startswith("python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
+    assert "helpers.py train" in main and "--download" in main
+    assert tests.endswith("-m pytest -q tests")
+
+
+def test_readme_figures_exist():
+    figures = re.findall(r"\]\((images/[^)]+)\)", README)
+    assert figures
+    for fig in figures:
+        assert (ROOT / fig).is_file(), fig
+
+
+@pytest.mark.parametrize("name, text", [("README.md", README), ("EXPERIMENTS.md", EXPERIMENTS),
+                                        ("the notebook's text", NOTEBOOK_TEXT)])
+def test_docs_do_not_speak_of_how_the_work_was_organised(name, text):
+    for pattern in (r"\bloans?\b", r"device (time|minutes)", r"\bissue \d", r"\btarget \d",
+                    r"\bsessions?\b(?![- ]6)", r"\bI stopped\b", r"minutes of device"):
+        assert not re.search(pattern, text, flags=re.I), (name, pattern)
+
+
+def test_experiments_is_the_research_log():
+    assert EXPERIMENTS.startswith("# Research log")
+    assert "## Model v1 (before the redesign)" in EXPERIMENTS
+
+
+def test_requirements_floors_match_the_code():
+    reqs = dict(re.findall(r"^([A-Za-z0-9_-]+)>=([\d.]+)", (ROOT / "requirements.txt").read_text(),
+                           flags=re.M))
+    version = lambda v: tuple(int(p) for p in v.split("."))  # noqa: E731
+    assert version(reqs["torch"]) >= (2, 3)  # torch.amp.GradScaler("cuda")
+    assert version(reqs["albumentations"]) >= (2, 0)  # fill=, *_range, Compose(seed=)
