@@ -21,6 +21,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, Sequence
@@ -258,7 +259,10 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
     root = Path(data_dir).expanduser()
     found = _find_layout(root) if root.is_dir() else None
     if found is None and download:
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"Cannot create {root} to download CIFAR-10 into: {e}") from None
         _download(root, timeout)
         found = _find_layout(root)
     if found is None:
@@ -814,12 +818,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "widths": (lambda v: v >= 1, "integers >= 1"),
-    "depths": (lambda v: v >= 0, "integers >= 0"),
+    "depths": (lambda v: v >= 0, "integers >= 0, D2 >= 1"),
     "kernel": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "p_flip": _PROBABILITY, "p_affine": _PROBABILITY, "p_dropout": _PROBABILITY,
-    "mixup": (lambda v: 0 <= v < math.inf, "a number >= 0 (0: off)"),
-    "ema": (lambda v: 0 <= v < 1, "a decay in [0, 1) (0: off)"),
+    "mixup": (lambda v: 0 <= v < math.inf, "a number >= 0; 0: off"),
+    "ema": (lambda v: 0 <= v < 1, "a decay in [0, 1); 0: off"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 4294967295]"),
     "train_subset": (lambda v: v >= 1, "an integer >= 1"),
     "test_subset": (lambda v: v >= 1, "an integer >= 1"),
@@ -1249,16 +1253,22 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: not our news
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files fail in many ways
         text = " ".join(str(e).split())
         if "GLOBAL" in text:
             why = text[text.index("GLOBAL"):].split(" whose")[0].split(". ")[0]
             raise CheckpointError(f"Checkpoint {path} holds more than tensors and plain numbers "
                                   f"({why}): refused, since loading it could run code") from None
-        raise CheckpointError(f"Checkpoint {path} is corrupt or not a checkpoint: "
-                              f"{type(e).__name__} {text[:200]}") from None
+        why = (text.split("WeightsUnpickler error:")[-1].split(" Check the doc")[0].strip()
+               if "WeightsUnpickler error:" in text else f"{type(e).__name__}: {text[:200]}")
+        raise CheckpointError(f"Checkpoint {path} is corrupt or not a checkpoint ({why})"
+                              ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"Checkpoint {path} is not a checkpoint of this project")
     return state
@@ -1528,7 +1538,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="download with torchvision if the data is not in --data-dir")
     t.add_argument("--download-timeout", type=_checked(float, "download_timeout"), default=60.0,
                    metavar="S", help="give up a download when the server sends nothing for "
-                   "S seconds (default 60)")
+                   "S seconds (a number in (0, 86400]; default 60)")
     t.add_argument("--recipe", default="fast", choices=sorted(RECIPES),
                    help="the recipe that the options below override (default fast)")
 
@@ -1541,7 +1551,7 @@ def _build_parser() -> argparse.ArgumentParser:
     override("lr", float, "OneCycle peak learning rate", metavar="LR")
     override("batch_size", int, "batch size", metavar="N")
     override("widths", int, "channel widths of C1..C4", nargs=4, metavar=("C1", "C2", "C3", "C4"))
-    override("depths", int, "residual blocks in C1..C4 (D2 >= 1)", nargs=4,
+    override("depths", int, "residual blocks in C1..C4", nargs=4,
              metavar=("D1", "D2", "D3", "D4"))
     override("kernel", int, "depthwise kernel size of C3 and C4", metavar="K")
     t.add_argument("--act", choices=sorted(ACTIVATIONS), help="override the activation")

@@ -353,6 +353,21 @@ def test_checkpoint_with_code_is_refused_and_never_run(tmp_path, data_dir, capsy
     assert not marker.exists()
 
 
+def test_broken_checkpoints_get_a_short_safe_message(tmp_path):
+    import pickle
+    import warnings
+    files = {"empty.pt": b"", "garbage.pt": b"\x00\x01 not a checkpoint" * 20,
+             "plain.pt": pickle.dumps({"model": [1, 2]}, protocol=4)}
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        with warnings.catch_warnings(record=True) as seen, \
+                pytest.raises(helpers.CheckpointError) as e:
+            warnings.simplefilter("always")
+            helpers.load_checkpoint(tmp_path / name, helpers.Net(TINY))
+        assert name in str(e.value) and "weights_only" not in str(e.value)  # no unsafe advice
+        assert "\n" not in str(e.value) and not seen
+
+
 def test_stale_temp_file_is_ignored_and_cleaned(tmp_path):
     path = tmp_path / "model.pt"
     model = helpers.Net(TINY)
