@@ -16,30 +16,34 @@ import math
 import os
 import pickle
 import random
+import signal
+import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe", "build_model",
     "get_device", "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val",
     "compute_mean_std", "exercise_augmentations", "AUGMENTATION_MAPPING", "RAMPS",
-    "ramp_probability", "EpochAugment", "CifarDataset",
+    "ramp_probability", "EpochAugment", "EpochSampler", "CifarDataset",
     "TensorBatches", "to_input", "make_loaders",
     "ACTIVATIONS", "InputNorm", "ConvBNAct", "DepthwiseSeparable", "Residual", "Net",
     "whiten_stem", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules",
-    "make_optimizer", "make_scheduler", "train_one_epoch", "ema_update", "predict_logits",
-    "evaluate", "fit", "save_checkpoint", "load_checkpoint", "run_training",
+    "check_recipe", "make_optimizer", "make_scheduler", "train_one_epoch", "ema_update",
+    "predict_logits", "evaluate", "fit", "CheckpointError", "save_checkpoint",
+    "load_checkpoint", "UsageError", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
     "per_class_accuracy", "grad_cam",
     "plot_image_grid", "plot_augmentations", "plot_augmentation_rows", "plot_history",
@@ -97,27 +101,68 @@ class CifarData:
     source: str = ""
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays only: no other code runs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "dtype"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"holds a {module}.{name} object, not plain arrays")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """Read one CIFAR-10 batch file (arrays and lists only), naming the file on any error."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except EOFError:
+        raise ValueError(f"Cannot read {path}: the file is empty or truncated") from None
+    except (OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+            KeyError, AttributeError, MemoryError) as e:
+        raise ValueError(f"Cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"Cannot read {path}: it holds a {type(d).__name__}, not a batch dict")
+    return d
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) and labels of one batch file, checked against each other."""
+    d = _read_pickle(path)
+    try:
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (data and labels): {e}") from None
+    if len(x) != len(y):
+        raise ValueError(f"{path} holds {len(x)} images but {len(y)} labels")
+    return x, y
 
 
 def _load_batches(folder: Path) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder."""
     def read(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for name in names:
-            d = _read_pickle(folder / name)
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-        return np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.concatenate(ys)
+        parts = [_read_batch(folder / name) for name in names]
+        x = np.concatenate([p[0] for p in parts]).transpose(0, 2, 3, 1).copy()
+        return x, np.concatenate([p[1] for p in parts])
 
     x_tr, y_tr = read([f"data_batch_{i}" for i in range(1, 6)])
     x_te, y_te = read(["test_batch"])
     meta = folder / "batches.meta"
     classes = CIFAR10_CLASSES
     if meta.exists():
-        classes = tuple(n.decode() for n in _read_pickle(meta)[b"label_names"])
+        try:
+            classes = tuple(n.decode() for n in _read_pickle(meta)[b"label_names"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{meta} has no list of label names: {e}") from None
+    for name, y in (("training", y_tr), ("test", y_te)):
+        if len(y) and not 0 <= y.min() <= y.max() < len(classes):
+            raise ValueError(f"{folder}: {name} labels run from {y.min()} to {y.max()}, "
+                             f"but there are {len(classes)} classes")
     return CifarData(x_tr, y_tr, x_te, y_te, classes, f"batches folder {folder.name}")
 
 
@@ -134,15 +179,20 @@ def _read_image(path: Path) -> np.ndarray:
     return arr
 
 
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` whose names do not start with "." (.ipynb_checkpoints, ._x.jpg)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    return [p.name for p in _visible(split_dir) if p.is_dir()]
 
 
 def _load_split_folder(split_dir: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for idx, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).iterdir()
-                       if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = [p for p in _visible(split_dir / name)
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
         images += [_read_image(p) for p in files]
         labels += [idx] * len(files)
     if not images:
@@ -152,9 +202,12 @@ def _load_split_folder(split_dir: Path, classes: Sequence[str]) -> tuple[np.ndar
 
 def _load_image_folder(root: Path) -> CifarData:
     """Read an image-folder tree ``train/<class>/*`` and ``test/<class>/*``."""
-    classes = _class_folders(root / "train")
-    if _class_folders(root / "test") != classes:
-        raise ValueError(f"{root}/train and {root}/test hold different class folders")
+    classes, test_classes = _class_folders(root / "train"), _class_folders(root / "test")
+    if test_classes != classes:
+        only_tr = sorted(set(classes) - set(test_classes)) or "none"
+        only_te = sorted(set(test_classes) - set(classes)) or "none"
+        raise ValueError(f"{root}/train and {root}/test hold different class folders: "
+                         f"only in train: {only_tr}; only in test: {only_te}")
     x_tr, y_tr = _load_split_folder(root / "train", classes)
     x_te, y_te = _load_split_folder(root / "test", classes)
     return CifarData(x_tr, y_tr, x_te, y_te, tuple(classes), f"image folder {root.name}")
@@ -170,15 +223,24 @@ def _find_layout(root: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _download(root: Path) -> None:
-    """Download CIFAR-10 with torchvision into ``root`` (adds cifar-10-batches-py)."""
+def _timed_out(e: BaseException) -> bool:
+    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+
+
+def _download(root: Path, timeout: float = 60.0) -> None:
+    """Download CIFAR-10 with torchvision into ``root``; a silent server fails after timeout s."""
     from torchvision.datasets import CIFAR10
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torchvision's urlopen calls take no timeout of their own
     try:
         CIFAR10(str(root), train=True, download=True)
         CIFAR10(str(root), train=False, download=True)
     except Exception as e:  # network errors come in many types
-        raise RuntimeError(f"Downloading CIFAR-10 into {root} failed: {e}. "
+        why = f"the server sent nothing for {timeout:g} s" if _timed_out(e) else str(e)
+        raise RuntimeError(f"Downloading CIFAR-10 into {root} failed: {why}. "
                            + _HOW_TO_GET_DATA) from e
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 _HOW_TO_GET_DATA = (
@@ -189,13 +251,20 @@ _HOW_TO_GET_DATA = (
     "cifar10-jpeg.tar.gz into the folder.")
 
 
-def load_cifar10(data_dir: str | os.PathLike, download: bool = False) -> CifarData:
-    """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked."""
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
+                 timeout: float = 60.0) -> CifarData:
+    """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked.
+
+    Names starting with "." are skipped; ``timeout`` (seconds) bounds each network wait.
+    """
     root = Path(data_dir).expanduser()
     found = _find_layout(root) if root.is_dir() else None
     if found is None and download:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"Cannot create {root} to download CIFAR-10 into: {e}") from None
+        _download(root, timeout)
         found = _find_layout(root)
     if found is None:
         raise FileNotFoundError(f"No CIFAR-10 data found in {root.resolve()}. " + _HOW_TO_GET_DATA)
@@ -205,7 +274,9 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = False) -> CifarDa
 
 def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0
            ) -> tuple[np.ndarray, np.ndarray]:
-    """A random subset of ``n`` examples (all of them when n is None or too large)."""
+    """A random subset of ``n`` >= 1 examples (all of them when n is None or too large)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"subset size must be an integer >= 1 or None, not {n!r}")
     if n is None or n >= len(x):
         return x, y
     idx = np.random.default_rng(seed).permutation(len(x))[:n]
@@ -215,8 +286,13 @@ def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Carve a validation split from the training set (never use the test set to choose)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction!r}")
     idx = np.random.default_rng(seed).permutation(len(x))
     n_val = int(round(len(x) * val_fraction))
+    if not 0 < n_val < len(x):
+        raise ValueError(f"val_fraction {val_fraction:g} of {len(x)} images leaves an empty "
+                         f"{'validation' if n_val == 0 else 'training'} split")
     val, tr = idx[:n_val], idx[n_val:]
     return x[tr], y[tr], x[val], y[val]
 
@@ -291,17 +367,25 @@ def ramp_probability(p: float, ramp: str, epoch: int, epochs: int) -> float:
     return p if ramp == "flat" else min(1.0, 2 * p * ((1 - t) if ramp == "down" else t))
 
 
+def _derive_seed(*values: int) -> int:
+    """A 32-bit seed that is a pure function of ``values`` (e.g. a base seed and an epoch)."""
+    return int(np.random.SeedSequence([int(v) % 2 ** 64 for v in values]).generate_state(1)[0])
+
+
 class EpochAugment:
     """``augment`` with its Affine and CoarseDropout probabilities set per epoch (``aug_ramp``).
 
     The epoch number sits in shared memory, so persistent loader workers (which hold copies of
     this object) see each ``set_epoch`` made in the main process before the epoch starts.
+    With a ``seed`` (each loader worker gets its own through ``set_random_seed``) the random
+    stream restarts at every epoch from (seed, epoch): a run resumed at any epoch draws the
+    same augmentations as one never interrupted.
     """
 
     def __init__(self, augment: Any, p_affine: float, p_dropout: float, ramp: str,
-                 epochs: int) -> None:
+                 epochs: int, seed: int | None = None) -> None:
         self.augment, self.ramp, self.epochs = augment, ramp, epochs
-        self.p_affine, self.p_dropout = p_affine, p_dropout
+        self.p_affine, self.p_dropout, self.seed = p_affine, p_dropout, seed
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._applied = -1
         ramp_probability(p_affine, ramp, 0, epochs)  # checks the ramp name
@@ -311,6 +395,8 @@ class EpochAugment:
         self._epoch[0] = epoch
 
     def set_random_seed(self, seed: int) -> None:
+        """Base seed of the per-epoch streams (a loader worker calls this once it starts)."""
+        self.seed, self._applied = seed, -1
         self.augment.set_random_seed(seed)
 
     def __call__(self, **data: Any) -> dict:
@@ -322,8 +408,33 @@ class EpochAugment:
                      if isinstance(t, A.CoarseDropout) else None)
                 if p is not None:
                     t.p = ramp_probability(p, self.ramp, epoch, self.epochs)
+            if self.seed is not None:
+                self.augment.set_random_seed(_derive_seed(self.seed, epoch))
             self._applied = epoch
         return self.augment(**data)
+
+
+class EpochSampler(Sampler):
+    """A random order of ``n`` indices that is a pure function of (seed, epoch).
+
+    Each pass uses the epoch given to ``set_epoch`` (then counts on by one), so a run resumed
+    at epoch k sees the same orders from k on as one that never stopped.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (0-based) for the next pass."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
+        yield from torch.randperm(self.n, generator=g).tolist()
 
 
 class CifarDataset(Dataset):
@@ -382,18 +493,31 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
+def _default_workers(device: torch.device) -> int:
+    """Loader workers when none are given: up to 8 on CUDA, one on the CPU (if cores allow)."""
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
+
+
 def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int = 128,
-                 device: torch.device | str = "cpu", num_workers: int | None = None
-                 ) -> tuple[DataLoader, TensorBatches]:
-    """Training loader (shuffled, drops the last partial batch) and the test set as a tensor."""
+                 device: torch.device | str = "cpu", num_workers: int | None = None,
+                 seed: int | None = None) -> tuple[DataLoader, TensorBatches]:
+    """Training loader (shuffled, drops the last partial batch) and the test set as a tensor.
+
+    The order of each epoch and the workers' seeds derive from ``seed`` alone (None: a seed
+    drawn from torch's generator), never from the state of the global generators.
+    """
     device = torch.device(device)
     cuda = device.type == "cuda"
     if num_workers is None:  # CPU: one worker overlaps augmentation with compute
-        num_workers = min(8, os.cpu_count() or 1) if cuda else min(1, (os.cpu_count() or 1) - 1)
-    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True,
+        num_workers = _default_workers(device)
+    if seed is None:
+        seed = int(torch.randint(2 ** 31, ()).item())
+    train = DataLoader(train_ds, batch_size=batch_size, sampler=EpochSampler(len(train_ds), seed),
                        drop_last=len(train_ds) > batch_size, num_workers=num_workers,
                        pin_memory=cuda, persistent_workers=num_workers > 0,
                        worker_init_fn=_seed_worker,
+                       generator=torch.Generator().manual_seed(_derive_seed(seed, -1)),
                        prefetch_factor=4 if num_workers > 0 else None)
     test = TensorBatches(test_ds.images, test_ds.labels, 1000, device)
     return train, test
@@ -742,6 +866,70 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+_PROBABILITY = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+# What each option accepts: (test, words). The CLI checks its options with these before any
+# data is read; check_recipe checks a Recipe's fields with the same ones.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "widths": (lambda v: v >= 1, "integers >= 1"),
+    "depths": (lambda v: v >= 0, "integers >= 0, D2 >= 1"),
+    "kernel": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "p_flip": _PROBABILITY, "p_affine": _PROBABILITY, "p_dropout": _PROBABILITY,
+    "mixup": (lambda v: 0 <= v < math.inf, "a number >= 0; 0: off"),
+    "ema": (lambda v: 0 <= v < 1, "a decay in [0, 1); 0: off"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 4294967295]"),
+    "train_subset": (lambda v: v >= 1, "an integer >= 1"),
+    "test_subset": (lambda v: v >= 1, "an integer >= 1"),
+    "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "threads": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "workers": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
+    "download_timeout": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
+}
+
+
+def _recipe_problem(recipe: Recipe) -> tuple[str, str] | None:
+    """The first field of ``recipe`` outside its range, as (field, what is wrong), or None."""
+    for f in fields(Recipe):
+        value, default = getattr(recipe, f.name), f.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                return f.name, f"must be True or False, not {value!r}"
+            continue
+        if isinstance(default, str):
+            allowed = sorted(ACTIVATIONS) if f.name == "act" else list(RAMPS)
+            if value not in allowed:
+                return f.name, f"must be one of {', '.join(allowed)}, not {value!r}"
+            continue
+        kind = int if isinstance(default, (int, tuple)) else (int, float)
+        items = value if isinstance(default, tuple) else (value,)
+        ok, words = _RANGES[f.name]
+        if isinstance(default, tuple) and (not isinstance(value, (tuple, list))
+                                           or len(value) != 4):
+            return f.name, f"must be four {words}, not {value!r}"
+        if not all(isinstance(v, kind) and not isinstance(v, bool) and ok(v) for v in items):
+            return f.name, f"must be {'four ' if isinstance(default, tuple) else ''}{words}, " \
+                f"not {value!r}"
+    if recipe.depths[1] < 1:
+        return "depths", f"D2 must be >= 1 (C2 holds the dilated conv), not {recipe.depths[1]}"
+    if recipe.whiten and (recipe.widths[0] % 2 or recipe.widths[0] > 54):
+        return "widths", f"C1 must be even and at most 54 with whiten (3x3 patches of 3 " \
+            f"channels have 27 directions, each used with both signs), not {recipe.widths[0]}"
+    return None
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Raise ValueError naming the first field of ``recipe`` outside its accepted range."""
+    problem = _recipe_problem(recipe)
+    if problem is not None:
+        raise ValueError(f"Recipe.{problem[0]} {problem[1]}")
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only, not on BatchNorm or biases; frozen left out."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -865,17 +1053,148 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
     return loss.item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, is refused, or does not fit what it is loaded into."""
+
+
+def _first_non_finite(*modules: nn.Module | None) -> str | None:
+    """The name of the first weight or buffer holding nan or inf, or None if all are finite."""
+    tensors = {n: t for m in modules if m is not None for n, t in m.state_dict().items()
+               if t.dtype.is_floating_point}
+    if not tensors or torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all():
+        return None
+    return next(n for n, t in tensors.items() if not torch.isfinite(t).all())
+
+
+def _rng_state() -> dict:
+    """Python, NumPy and torch (CPU, CUDA) generator states as tensors and plain values."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return dict(python=random.getstate(), torch=torch.get_rng_state(), cuda=cuda,
+                numpy=dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)))
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _data_seeds(loader: Any) -> dict:
+    """What the loader's order and its workers' augmentation streams derive from."""
+    gen = getattr(loader, "generator", None)
+    return dict(loader=gen.initial_seed() if gen is not None else None,
+                sampler=getattr(getattr(loader, "sampler", None), "seed", None),
+                augment=getattr(getattr(getattr(loader, "dataset", None), "transform", None),
+                                "seed", None))
+
+
+def _set_data_seeds(loader: Any, seeds: dict) -> None:
+    if seeds["loader"] is not None and getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seeds["loader"])
+    if seeds["sampler"] is not None and isinstance(loader.sampler, EpochSampler):
+        loader.sampler.seed = seeds["sampler"]
+    transform = getattr(loader.dataset, "transform", None)
+    if seeds["augment"] is not None and isinstance(transform, EpochAugment):
+        transform.seed, transform._applied = seeds["augment"], -1
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+_RESUME_KEYS = ("recipe", "steps_per_epoch", "scheduler", "scaler", "rng", "data_seeds")
+
+
+def _resume(path: Path, recipe: Recipe, model: nn.Module, ema: nn.Module | None,
+            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+            loader: Any) -> list[dict]:
+    """Load all a checkpoint holds into the training objects; return its history."""
+    state = _read_checkpoint(path)
+    missing = [k for k in _RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} cannot be resumed: it lacks {missing} "
+                              "(written by an older version); start the run again")
+    saved, now = _plain(state["recipe"]), _plain(asdict(recipe))
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff or state["steps_per_epoch"] != len(loader):
+        diff = diff or [f"steps per epoch {state['steps_per_epoch']} -> {len(loader)}"]
+        raise CheckpointError(f"Checkpoint {path} was made by a different run "
+                              f"({'; '.join(diff)}): resume with the same settings")
+    try:
+        (ema if ema is not None else model).load_state_dict(state["model"])
+        if ema is not None:
+            model.load_state_dict(state["train_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Checkpoint {path} does not fit this model: {e}") from None
+    _set_rng_state(state["rng"])
+    _set_data_seeds(loader, state["data_seeds"])
+    return list(state["history"])
+
+
+def _resume_state(recipe: Recipe, loader: Any, trained: nn.Module | None, scheduler: Any,
+                  scaler: Any) -> dict:
+    """What a checkpoint holds beside the scored weights and the optimizer, for ``_resume``."""
+    return dict(format=2, recipe=asdict(recipe), steps_per_epoch=len(loader),
+                train_model=trained.state_dict() if trained is not None else None,
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                scaler=scaler.state_dict(), rng=_rng_state(), data_seeds=_data_seeds(loader))
+
+
+def _kept_checkpoint(checkpoint: Any, epoch: int) -> str:
+    """What a run stopped during ``epoch`` leaves behind."""
+    if checkpoint is None:
+        return "nothing was saved"
+    return f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+
+
+def _stop_if_not_finite(epoch: int, row: dict, model: nn.Module, ema: nn.Module | None,
+                        checkpoint: Any) -> None:
+    """Raise FloatingPointError, before anything is saved, if the epoch diverged."""
+    bad = _first_non_finite(model, ema)
+    bad = f"{bad} holds nan or inf" if bad else None
+    if not math.isfinite(row["eval_loss"]):
+        loss = f"the {row['eval_split']} loss is {row['eval_loss']}"
+        bad = loss + (f" and {bad}" if bad else "")
+    if bad is not None:
+        raise FloatingPointError(
+            f"Epoch {epoch}: {bad} (training loss {row['train_loss']:.4g}); stopped before "
+            f"saving ({_kept_checkpoint(checkpoint, epoch)}). Lower the learning rate.")
+
+
 def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
         recipe: Recipe, device: torch.device, channels_last: bool | None = None,
         progress: bool = True, log: Callable[[dict], None] | None = print,
-        checkpoint: str | os.PathLike | None = None) -> list[dict]:
+        checkpoint: str | os.PathLike | None = None, resume: bool = False,
+        eval_split: str = "test") -> list[dict]:
     """Train with OneCycle (per batch); return one history row per epoch.
 
-    ``eval_batches`` is evaluated after each epoch for the log only: the model returned is the
-    final one, never an epoch picked by its score. With ``recipe.ema`` the scores, checkpoint
-    and returned weights are those of the running average of the weights. With
-    ``recipe.whiten`` the stem must already be whitened (``whiten_stem``).
+    ``eval_batches`` (the ``eval_split``: "test" or "val") is evaluated after each epoch for
+    the log only: the model returned is the final one, never an epoch picked by its score.
+    With ``recipe.ema`` the scores, ``model`` entry of the checkpoint and returned weights are
+    those of the running average of the weights. With ``recipe.whiten`` the stem must already
+    be whitened (``whiten_stem``). ``checkpoint`` is saved after every epoch with all that
+    training needs to go on; ``resume=True`` continues from it (from the start if it does not
+    exist yet), and ``log`` sees only the new rows. A loader from ``make_loaders(seed=...)``
+    with an ``EpochAugment(seed=...)`` makes a resumed run equal to an uninterrupted one.
+    An epoch ending with nan or inf weights or evaluation loss raises FloatingPointError
+    before it is saved.
     """
+    check_recipe(recipe)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint path to resume from")
     if channels_last is None:
         channels_last = device.type in ("cpu", "cuda")
     if channels_last:
@@ -888,69 +1207,146 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
     ema = copy.deepcopy(model) if recipe.ema > 0 else None
     scored = ema if ema is not None else model
     history: list[dict] = []
-    for epoch in range(1, recipe.epochs + 1):
+    if resume and Path(checkpoint).is_file():
+        history = _resume(Path(checkpoint), recipe, model, ema, optimizer, scheduler, scaler,
+                          train_loader)
+    transform = getattr(train_loader.dataset, "transform", None)
+    for epoch in range(len(history) + 1, recipe.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        transform = getattr(train_loader.dataset, "transform", None)
-        if hasattr(transform, "set_epoch"):
-            transform.set_epoch(epoch - 1)
-        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, scheduler, criterion,
-                                          device, scaler, channels_last, progress,
-                                          desc=f"epoch {epoch}/{recipe.epochs}", ema=ema,
-                                          ema_decay=recipe.ema, mixup=recipe.mixup)
+        for part in (transform, getattr(train_loader, "sampler", None)):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch - 1)
+        try:
+            tr_loss, tr_acc = train_one_epoch(
+                model, train_loader, optimizer, scheduler, criterion, device, scaler,
+                channels_last, progress, desc=f"epoch {epoch}/{recipe.epochs}", ema=ema,
+                ema_decay=recipe.ema, mixup=recipe.mixup)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"Epoch {epoch}: {e} Stopped before saving "
+                                     f"({_kept_checkpoint(checkpoint, epoch)}).") from None
         train_seconds = time.perf_counter() - start
         ev_loss, ev_acc = evaluate(scored, eval_batches, device, None, channels_last)
-        row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc, test_loss=ev_loss,
-                   test_acc=ev_acc, train_seconds=train_seconds,
-                   seconds=time.perf_counter() - start,
+        row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc,
+                   eval_split=eval_split, eval_loss=ev_loss, eval_acc=ev_acc,
+                   train_seconds=train_seconds, seconds=time.perf_counter() - start,
                    images_per_s=len(train_loader) * train_loader.batch_size / train_seconds)
+        _stop_if_not_finite(epoch, row, model, ema, checkpoint)
         history.append(row)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, scored, optimizer, epoch, history, **_resume_state(
+                recipe, train_loader, model if ema is not None else None, scheduler, scaler))
         if log is not None:
             log(row if log is not print else _format_row(row, recipe.epochs))
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, scored, optimizer, epoch, history)
     if ema is not None:
         model.load_state_dict(ema.state_dict())
     return history
 
 
 def _format_row(row: dict, epochs: int) -> str:
+    split = row.get("eval_split", "test")
     return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4f}  "
             f"train loss {row['train_loss']:.3f} acc {100 * row['train_acc']:.2f}%  "
-            f"test loss {row['test_loss']:.3f} acc {100 * row['test_acc']:.2f}%  "
+            f"{split} loss {_eval(row, 'loss'):.3f} acc {100 * _eval(row, 'acc'):.2f}%  "
             f"{row['seconds']:.0f}s ({row['images_per_s']:.0f} img/s)")
+
+
+def _eval(row: dict, what: str) -> float:
+    """A row's evaluation loss or accuracy (rows written before eval_* were named test_*)."""
+    return row[f"eval_{what}"] if f"eval_{what}" in row else row[f"test_{what}"]
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    """Temp files a killed ``save_checkpoint`` of ``path`` left behind."""
+    if not path.parent.is_dir():
+        return []
+    return [p for p in path.parent.iterdir() if p.name != path.name
+            and p.name.startswith(path.name) and p.name.endswith(".tmp")]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
-                    history: list[dict] | None = None) -> None:
-    """Save model (and optimizer) state atomically: a temp file renamed over the target."""
+                    history: list[dict] | None = None, **extra: Any) -> None:
+    """Save model (and optimizer) state and ``extra`` entries atomically and durably.
+
+    The state goes to a temp file that is flushed and fsynced, then renamed over ``path``;
+    temp files left by a killed save are removed. Non-finite weights are never saved.
+    """
     path = Path(path)
+    bad = _first_non_finite(model)
+    if bad is not None:
+        raise FloatingPointError(f"Not saving {path}: {bad} holds nan or inf")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temps(path):
+        stale.unlink(missing_ok=True)
     state = dict(model=model.state_dict(), epoch=epoch, history=history or [],
-                 optimizer=optimizer.state_dict() if optimizer is not None else None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+                 optimizer=optimizer.state_dict() if optimizer is not None else None, **extra)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a checkpoint into ``model`` (and optimizer); clear errors if missing or corrupt."""
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's entries, loaded as tensors and plain values only (no code runs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: not our news
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files fail in many ways
+        text = " ".join(str(e).split())
+        if "GLOBAL" in text:
+            why = text[text.index("GLOBAL"):].split(" whose")[0].split(". ")[0]
+            raise CheckpointError(f"Checkpoint {path} holds more than tensors and plain numbers "
+                                  f"({why}): refused, since loading it could run code") from None
+        why = (text.split("WeightsUnpickler error:")[-1].split(" Check the doc")[0].strip()
+               if "WeightsUnpickler error:" in text else f"{type(e).__name__}: {text[:200]}")
+        raise CheckpointError(f"Checkpoint {path} is corrupt or not a checkpoint ({why})"
+                              ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"Checkpoint {path} is not a checkpoint of this project")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a checkpoint into ``model`` (and optimizer); clear errors if missing or corrupt.
+
+    Only tensors and plain values are unpickled (``weights_only=True``): a file holding
+    anything else is refused. With EMA, ``model`` receives the averaged weights.
+    """
+    state = _read_checkpoint(path)
+    try:
         model.load_state_dict(state["model"])
-    except Exception as e:
-        raise RuntimeError(f"Checkpoint {path} is corrupt or does not fit this model: {e}") from e
-    if optimizer is not None and state.get("optimizer"):
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None and state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Checkpoint {path} does not fit this model: {e}") from None
     return state
 
 
@@ -1061,14 +1457,14 @@ def plot_augmentations(images: np.ndarray, augment: Callable, n_images: int = 4,
 
 
 def plot_history(history: Sequence[dict]) -> Any:
-    """Loss, accuracy and learning rate per epoch."""
+    """Loss, accuracy and learning rate per epoch; the evaluated split is named in the legend."""
     import matplotlib.pyplot as plt
     ep = [h["epoch"] for h in history]
+    split = history[0].get("eval_split", "test") if history else "test"
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        axes[0].plot(ep, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        axes[1].plot(ep, [100 * h[key] for h in history], marker="o", label=label)
+    for ax, what, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
+        ax.plot(ep, [scale * h[f"train_{what}"] for h in history], marker="o", label="train")
+        ax.plot(ep, [scale * _eval(h, what) for h in history], marker="o", label=split)
     axes[1].axhline(85, color="grey", ls="--", lw=1, label="85% target")
     axes[2].plot(ep, [h["lr"] for h in history], marker="o")
     for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
@@ -1188,39 +1584,95 @@ def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- command line
+class UsageError(ValueError):
+    """Bad command-line input found after parsing: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``) with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _checked(kind: type, name: str) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` inside ``_RANGES[name]``, else a one-line error."""
+    ok, words = _RANGES[name]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+        return value
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="helpers.py", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one recipe and log every epoch")
-    t.add_argument("--data-dir", required=True, help="folder with CIFAR-10 in a known layout")
-    t.add_argument("--download", action="store_true", help="download with torchvision")
-    t.add_argument("--recipe", default="fast", choices=sorted(RECIPES))
-    t.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    t.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
-    t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    t.add_argument("--widths", type=int, nargs=4, help="override the C1..C4 channel widths")
-    t.add_argument("--weight-decay", type=float, help="override the recipe's weight decay")
-    t.add_argument("--p-affine", type=float, help="override the Affine probability")
-    t.add_argument("--p-dropout", type=float, help="override the CoarseDropout probability")
-    t.add_argument("--aug-ramp", choices=RAMPS, help="override how the Affine and "
-                   "CoarseDropout probabilities change over the run (each averages its p)")
-    t.add_argument("--ema", type=float, help="average the weights with this per-step decay")
-    t.add_argument("--depths", type=int, nargs=4, metavar=("D1", "D2", "D3", "D4"),
-                   help="override the residual blocks in C1..C4")
-    t.add_argument("--kernel", type=int, help="override the depthwise kernel size of C3, C4")
+    p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train one recipe and log every epoch",
+                       description="Train one recipe, logging every epoch and checkpointing "
+                       "to --out. Every option is checked before any data is read.")
+    t.add_argument("--data-dir", required=True, metavar="DIR",
+                   help="folder with CIFAR-10 in a known layout")
+    t.add_argument("--download", action="store_true",
+                   help="download with torchvision if the data is not in --data-dir")
+    t.add_argument("--download-timeout", type=_checked(float, "download_timeout"), default=60.0,
+                   metavar="S", help="give up a download when the server sends nothing for "
+                   "S seconds (a number in (0, 86400]; default 60)")
+    t.add_argument("--recipe", default="fast", choices=sorted(RECIPES),
+                   help="the recipe that the options below override (default fast)")
+
+    def override(name: str, kind: type, what: str, **kw: Any) -> None:
+        words = _RANGES[name][1]
+        t.add_argument("--" + name.replace("_", "-"), type=_checked(kind, name),
+                       help=f"override the recipe's {what} ({words})", **kw)
+
+    override("epochs", int, "epochs", metavar="N")
+    override("lr", float, "OneCycle peak learning rate", metavar="LR")
+    override("batch_size", int, "batch size", metavar="N")
+    override("widths", int, "channel widths of C1..C4", nargs=4, metavar=("C1", "C2", "C3", "C4"))
+    override("depths", int, "residual blocks in C1..C4", nargs=4,
+             metavar=("D1", "D2", "D3", "D4"))
+    override("kernel", int, "depthwise kernel size of C3 and C4", metavar="K")
     t.add_argument("--act", choices=sorted(ACTIVATIONS), help="override the activation")
     t.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                    help="override whether C1's first conv whitens 3x3 patches")
-    t.add_argument("--mixup", type=float, help="override the mixup Beta parameter (0: off)")
-    t.add_argument("--label-smoothing", type=float, help="override the label smoothing")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--train-subset", type=int, help="train on this many images only")
-    t.add_argument("--test-subset", type=int, help="test on this many images only")
-    t.add_argument("--val-fraction", type=float, help="hold out this part of the training "
-                   "set and evaluate on it instead of the test set (for tuning)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    t.add_argument("--workers", type=int, help="data-loader worker processes (default: auto)")
-    t.add_argument("--out", default="runs/latest", help="folder for the log and checkpoint")
+    override("weight_decay", float, "weight decay", metavar="WD")
+    override("label_smoothing", float, "label smoothing", metavar="S")
+    override("p_affine", float, "Affine probability", metavar="P")
+    override("p_dropout", float, "CoarseDropout probability", metavar="P")
+    t.add_argument("--aug-ramp", choices=RAMPS, help="override how the Affine and "
+                   "CoarseDropout probabilities change over the run (each averages its p)")
+    override("mixup", float, "mixup Beta parameter", metavar="A")
+    override("ema", float, "per-step decay of a running average of the weights", metavar="D")
+    t.add_argument("--seed", type=_checked(int, "seed"), default=0, metavar="N",
+                   help="seed of every random choice: weights, data order, augmentation, "
+                   "subsets (default 0)")
+    t.add_argument("--train-subset", type=_checked(int, "train_subset"), metavar="N",
+                   help="train on N random training images only (an integer >= 1)")
+    t.add_argument("--test-subset", type=_checked(int, "test_subset"), metavar="N",
+                   help="test on N random test images only (an integer >= 1)")
+    t.add_argument("--val-fraction", type=_checked(float, "val_fraction"), metavar="F",
+                   help="hold out this part of the training set and evaluate on it instead "
+                   "of the test set, for tuning (a number in (0, 1))")
+    t.add_argument("--threads", type=_checked(int, "threads"), metavar="N",
+                   help="torch CPU threads (an integer in [1, 1024]; default: all cores, or "
+                   "the run's own count with --resume)")
+    t.add_argument("--workers", type=_checked(int, "workers"), metavar="N",
+                   help="data-loader worker processes (an integer in [0, 64]; default: auto, "
+                   "or the run's own count with --resume)")
+    t.add_argument("--out", default="runs/latest", metavar="DIR",
+                   help="folder for config.json, log.jsonl, model.pt and summary.json "
+                   "(default runs/latest)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from "
+                       "its last checkpoint (or start it if --out holds none)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out instead of refusing to")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -1234,61 +1686,244 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe(**{**asdict(RECIPES[args.recipe]), **overrides})
 
 
-def run_training(args: argparse.Namespace) -> list[dict]:
-    """The headless recipe: load, seed, build, train, log one row per epoch to ``--out``."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    recipe, out = _recipe_from_args(args), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_cifar10(args.data_dir, download=args.download)
+_RUN_FILES = ("config.json", "log.jsonl", "model.pt", "summary.json")
+# config.json entries that --resume requires to be unchanged (threads and device: a note).
+_SAME_OPTIONS = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "workers")
+_SAME_DATA = ("data", "classes", "train_images", "eval_split", "eval_images")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (a temp file renamed over it)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    try:
+        return int(_read_checkpoint(path)["epoch"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _kept(out: Path) -> str:
+    epoch = _checkpoint_epoch(out / "model.pt")
+    return (f"{out} keeps no checkpoint yet" if epoch is None
+            else f"{out}/model.pt keeps epoch {epoch}")
+
+
+def _differences(old: dict, new: dict, keys: Sequence[str]) -> list[str]:
+    """``key old -> new`` for each of ``keys`` that differs (recipe fields one by one)."""
+    diffs = []
+    for key in keys:
+        a, b = _plain(old.get(key)), _plain(new[key])
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k} {a.get(k)!r} -> {v!r}" for k, v in b.items() if a.get(k) != v]
+        elif a != b:
+            diffs.append(f"{key} {a!r} -> {b!r}")
+    return diffs
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> dict | None:
+    """Check ``--out`` against the flags; return the earlier run's config to resume, or None."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, not a folder")
+    present = [n for n in _RUN_FILES if (out / n).exists()]
+    if not present:
+        if resume:
+            print(f"--resume: {out} holds no run yet: starting one")
+        return None
+    finished = "summary.json" in present
+    what = "a finished run" if finished else f"a partial run ({_kept(out)})"
+    if overwrite:
+        for path in [out / n for n in present] + _stale_temps(out / "model.pt"):
+            path.unlink(missing_ok=True)
+        print(f"--overwrite: replaced {what} in {out}")
+        return None
+    if not resume:
+        hint = "" if finished else "pass --resume to continue it or "
+        raise UsageError(f"argument --out: {out} already holds {what}: {hint}pass "
+                         "--overwrite to replace it, or choose another --out")
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"argument --resume: {out}/config.json is missing or unreadable, so "
+                         "the run cannot be checked: pass --overwrite to start again") from None
+
+
+def _refuse_changes(out: Path, old: dict, new: dict, keys: Sequence[str]) -> None:
+    diffs = _differences(old, new, keys)
+    if diffs:
+        raise UsageError(f"argument --resume: the run in {out} was made with other settings "
+                         f"({'; '.join(diffs)}): give its options, or --overwrite to start again")
+
+
+def _load_data(args: argparse.Namespace) -> tuple[CifarData, tuple, tuple, str]:
+    """The data, the train and evaluation arrays and the evaluated split; UsageError if bad."""
+    try:
+        data = load_cifar10(args.data_dir, args.download, args.download_timeout)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+    for name, n, have in (("train", args.train_subset, len(data.x_train)),
+                          ("test", args.test_subset, len(data.x_test))):
+        if n is not None and n > have:
+            raise UsageError(f"argument --{name}-subset: {n} is more than the {have} "
+                             f"{name} images in {data.source}")
     x_tr, y_tr = subset(data.x_train, data.y_train, args.train_subset, args.seed)
     x_te, y_te = subset(data.x_test, data.y_test, args.test_subset, args.seed)
-    split = "val" if args.val_fraction else "test"
-    if args.val_fraction:  # tuning: the test set is not touched
-        x_tr, y_tr, x_te, y_te = split_train_val(x_tr, y_tr, args.val_fraction, seed=0)
+    if not args.val_fraction:
+        return data, (x_tr, y_tr), (x_te, y_te), "test"
+    try:  # tuning: the test set is not touched
+        x_tr, y_tr, x_va, y_va = split_train_val(x_tr, y_tr, args.val_fraction, seed=0)
+    except ValueError as e:
+        raise UsageError(f"argument --val-fraction: {e}") from None
+    return data, (x_tr, y_tr), (x_va, y_va), "val"
+
+
+def _check_args(args: argparse.Namespace) -> Recipe:
+    """The recipe the options give, after the checks that involve several options."""
+    recipe = _recipe_from_args(args)
+    problem = _recipe_problem(recipe)
+    if problem is not None:
+        name, why = problem
+        given = getattr(args, name, None) is not None
+        raise UsageError(f"argument --{name.replace('_', '-')}: {why}"
+                         + ("" if given else f" (the {args.recipe} recipe's value)"))
+    if not str(args.out).strip():
+        raise UsageError("argument --out: expected a folder name, got ''")
+    if args.val_fraction and args.test_subset is not None:
+        raise UsageError("argument --test-subset: not allowed with --val-fraction (the test "
+                         "set is not used when tuning)")
+    return recipe
+
+
+def _settings(args: argparse.Namespace) -> tuple[Recipe, Path, dict | None, torch.device, dict]:
+    """Everything decided before the data is read: recipe, run folder, device, options."""
+    recipe, out = _check_args(args), Path(args.out)
+    prev = _prepare_out(out, args.resume, args.overwrite)
+    threads = args.threads or (prev or {}).get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    device = get_device()
+    workers = args.workers if args.workers is not None else (prev or {}).get(
+        "workers", _default_workers(device))
+    options = dict(recipe=asdict(recipe), seed=args.seed, train_subset=args.train_subset,
+                   test_subset=args.test_subset, val_fraction=args.val_fraction,
+                   workers=workers)
+    if prev is not None:
+        _refuse_changes(out, prev, options, _SAME_OPTIONS)
+    return recipe, out, prev, device, options
+
+
+def _open_run(out: Path, prev: dict | None, meta: dict, epochs: int) -> list[dict]:
+    """Write config.json for a new run, or check a resumed one; (re)write log.jsonl."""
+    history: list[dict] = []
+    if prev is not None:
+        _refuse_changes(out, prev, meta, _SAME_DATA)
+        notes = _differences(prev, meta, ("device", "threads", "versions"))
+        if notes:
+            print(f"note: resuming with {'; '.join(notes)}: results may differ from a run "
+                  "that was never interrupted")
+        if (out / "model.pt").is_file():
+            history = list(_read_checkpoint(out / "model.pt")["history"])
+            print(f"--resume: continuing {out} after epoch {len(history)} of {epochs}")
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out / "config.json", json.dumps(meta, indent=2))
+        except OSError as e:
+            raise UsageError(f"argument --out: cannot write to {out}: {e}") from None
+    _write_atomic(out / "log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    return history
+
+
+def run_training(args: argparse.Namespace) -> list[dict]:
+    """The headless recipe: load, seed, build, train, log one row per epoch to ``--out``.
+
+    Bad input raises UsageError, before any data is read where it can be found then. A run
+    already in ``--out`` is refused unless ``args.resume`` (continue it) or ``args.overwrite``.
+    """
+    recipe, out, prev, device, options = _settings(args)
+    if prev is not None and (out / "summary.json").exists():
+        print(f"--resume: the run in {out} is finished ({_kept(out)}): nothing to do")
+        ckpt = out / "model.pt"
+        return list(_read_checkpoint(ckpt)["history"]) if ckpt.is_file() else []
+    data, (x_tr, y_tr), (x_te, y_te), split = _load_data(args)
     mean, std = compute_mean_std(x_tr)
     set_seed(args.seed)
-    device = get_device()
     augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, seed=args.seed),
-                           recipe.p_affine, recipe.p_dropout, recipe.aug_ramp, recipe.epochs)
+                           recipe.p_affine, recipe.p_dropout, recipe.aug_ramp, recipe.epochs,
+                           seed=args.seed)
     train_loader, test_batches = make_loaders(
         CifarDataset(x_tr, y_tr, augment), CifarDataset(x_te, y_te), recipe.batch_size, device,
-        args.workers)
-    model = build_model(recipe, mean=mean, std=std)
+        options["workers"], seed=args.seed)
+    model = build_model(recipe, len(data.classes), mean, std)
     if recipe.whiten:
         whiten_stem(model, x_tr)
-    meta = dict(recipe=asdict(recipe), seed=args.seed, data=data.source, device=str(device),
-                params=count_parameters(model), macs=count_macs(model),
+    meta = dict(**options, data=data.source, classes=list(data.classes),
                 train_images=len(x_tr), eval_split=split, eval_images=len(x_te),
-                threads=torch.get_num_threads())
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
+                device=str(device), threads=torch.get_num_threads(),
+                params=count_parameters(model), macs=count_macs(model),
+                versions=dict(torch=torch.__version__, numpy=np.__version__))
+    _open_run(out, prev, meta, recipe.epochs)
     print(json.dumps(meta))
-    log_path = out / "log.jsonl"
-    log_path.write_text("")
 
     def log(row: dict) -> None:
         print(_format_row(row, recipe.epochs), flush=True)
-        with open(log_path, "a") as f:
+        with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
     history = fit(model, train_loader, test_batches, recipe, device,
-                  progress=not args.no_progress, log=log, checkpoint=out / "model.pt")
+                  progress=not args.no_progress, log=log, checkpoint=out / "model.pt",
+                  resume=prev is not None, eval_split=split)
     _, tta_acc = evaluate(model, test_batches, device, tta=True)
-    summary = {f"final_{split}_acc": history[-1]["test_acc"],
+    summary = {f"final_{split}_acc": history[-1]["eval_acc"],
                f"final_{split}_acc_flip_tta": tta_acc,
                "median_epoch_seconds": float(np.median([h["seconds"] for h in history])),
                "median_images_per_s": float(np.median([h["images_per_s"] for h in history]))}
-    (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    _write_atomic(out / "summary.json", json.dumps({**meta, **summary}, indent=2))
     print(json.dumps(summary))
     return history
 
 
+def _interrupt(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python helpers.py train --data-dir DIR ...``."""
+    """Command-line entry point: ``python helpers.py train --data-dir DIR ...``.
+
+    Exit status: 0 done, 1 training diverged, 2 bad input (one line on stderr), 130 or 143
+    interrupted by SIGINT or SIGTERM (the last checkpoint is kept: continue with --resume).
+    """
     args = _build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command != "train":
+        return 0
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
         run_training(args)
+    except UsageError as e:
+        return _fail(f"error: {e}", 2)
+    except CheckpointError as e:
+        return _fail(f"error: {e} (--overwrite starts the run again)", 2)
+    except FloatingPointError as e:
+        return _fail(f"stopped: {e}", 1)
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        return _fail(f"interrupted by {name}: {_kept(Path(args.out))}; continue with --resume",
+                     143 if name == "SIGTERM" else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _fail(message: str, status: int) -> int:
+    print("helpers.py train: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -295,3 +295,88 @@ def test_default_num_workers_on_cpu_is_sensible():
     assert train.num_workers < max(cpus, 2)  # leaves a core for the main process
     assert train.pin_memory is False
     assert isinstance(test, helpers.TensorBatches) and test.images.dtype == torch.uint8
+
+
+# --------------------------------------------------------------------------- hostile folders
+def test_hidden_folders_and_files_are_skipped(png_root, arrays):
+    """Case 5: .ipynb_checkpoints was taken for a class; macOS ._*.jpg stopped the load."""
+    x_tr = arrays[0]
+    for split in ("train", "test"):
+        hidden = png_root / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        Image.fromarray(x_tr[0]).save(hidden / "0000.png")
+        (png_root / split / "cat" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (png_root / split / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    _check_exact(helpers.load_cifar10(png_root), arrays)
+
+
+def test_hidden_folder_in_train_only_is_skipped(png_root, arrays):
+    (png_root / "train" / ".ipynb_checkpoints").mkdir()
+    _check_exact(helpers.load_cifar10(png_root), arrays)
+
+
+def test_different_class_folders_are_named(png_root):
+    (png_root / "train" / "zebra").mkdir()
+    (png_root / "test" / "dog").rename(png_root / "test" / "doggo")
+    with pytest.raises(ValueError) as e:
+        helpers.load_cifar10(png_root)
+    assert "only in train: ['dog', 'zebra']" in str(e.value)
+    assert "only in test: ['doggo']" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a pickle"])
+def test_broken_batch_file_is_named(batches_root, damage):
+    """Case 8: 'pickle data was truncated' or 'Ran out of input' without the file's name."""
+    path = batches_root / "cifar-10-batches-py" / "data_batch_3"
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[:len(raw) // 2], "empty": b"",
+                      "not a pickle": b"<html>502 Bad Gateway</html>"}[damage])
+    with pytest.raises(ValueError) as e:
+        helpers.load_cifar10(batches_root)
+    assert "data_batch_3" in str(e.value)
+
+
+def test_batch_file_with_code_is_refused_and_never_run(batches_root, tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = batches_root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({b"data": RunsCode(), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"test_batch.*not plain arrays"):
+        helpers.load_cifar10(batches_root)
+    assert not marker.exists()
+
+
+def test_batch_file_with_mismatched_labels_is_named(batches_root):
+    import pickle
+    path = batches_root / "cifar-10-batches-py" / "data_batch_2"
+    d = pickle.loads(path.read_bytes())
+    d[b"labels"] = d[b"labels"][:-1]
+    path.write_bytes(pickle.dumps(d))
+    with pytest.raises(ValueError, match=r"data_batch_2 holds \d+ images but \d+ labels"):
+        helpers.load_cifar10(batches_root)
+
+
+def test_download_from_a_stalled_server_times_out(tmp_path, monkeypatch):
+    """Case 7: --download against a server that accepts and then sends nothing."""
+    import socket
+    import time
+
+    from torchvision.datasets import CIFAR10
+
+    server = socket.create_server(("127.0.0.1", 0))  # listens, never answers
+    port = server.getsockname()[1]
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"sent nothing for 0.5 s"):
+            helpers.load_cifar10(tmp_path / "dl", download=True, timeout=0.5)
+    finally:
+        server.close()
+    assert time.monotonic() - start < 30
+    assert socket.getdefaulttimeout() is None  # restored

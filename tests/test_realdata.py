@@ -84,7 +84,7 @@ def test_one_epoch_default_net_beats_chance(real_data):
         model = helpers.Net(recipe.widths, dropout=recipe.dropout)
         history = helpers.fit(model, train, test, recipe, torch.device("cpu"),
                               progress=False, log=None)
-        acc = history[-1]["test_acc"]
+        acc = history[-1]["eval_acc"]
         # One epoch of 10,000 images is 78 steps of batch 128. Chance is 0.10, with a
         # standard error of sqrt(0.1 * 0.9 / 2000) = 0.0067 on 2000 test images.
         assert acc > 0.25, f"test accuracy {acc:.3f} after one epoch (chance 0.10)"

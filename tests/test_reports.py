@@ -164,9 +164,9 @@ def test_grad_cam_defaults_to_prediction_and_keeps_mode():
 
 
 # --------------------------------------------------------------------------- plots
-def _history():
-    return [dict(epoch=e, lr=0.1 * e, train_loss=1.0 / e, train_acc=0.3 * e,
-                 test_loss=1.1 / e, test_acc=0.28 * e, seconds=1.0, images_per_s=10.0)
+def _history(split="test"):
+    return [dict(epoch=e, lr=0.1 * e, train_loss=1.0 / e, train_acc=0.3 * e, eval_split=split,
+                 eval_loss=1.1 / e, eval_acc=0.28 * e, seconds=1.0, images_per_s=10.0)
             for e in (1, 2, 3)]
 
 
@@ -187,6 +187,18 @@ def test_plot_augmentations(images):
 def test_plot_history():
     fig = helpers.plot_history(_history())
     assert isinstance(fig, Figure) and len(fig.axes) == 3
+
+
+def test_plot_history_and_rows_name_the_evaluated_split():
+    fig = helpers.plot_history(_history("val"))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["train", "val"]
+    np.testing.assert_allclose(fig.axes[1].lines[1].get_ydata(), [28, 56, 84])
+    assert "val loss 1.100 acc 28.00%" in helpers._format_row(_history("val")[0], 3)
+    old = [{k.replace("eval_", "test_"): v for k, v in row.items() if k != "eval_split"}
+           for row in _history()]  # log rows written before the rename still plot
+    fig = helpers.plot_history(old)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["train", "test"]
+    assert "test loss 1.100" in helpers._format_row(old[0], 3)
 
 
 def test_plot_misclassified(images):

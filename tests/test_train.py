@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 import helpers
 
 TINY = (8, 16, 16, 16)
-KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
-        "images_per_s"}
+KEYS = {"epoch", "lr", "train_loss", "train_acc", "eval_split", "eval_loss", "eval_acc",
+        "seconds", "images_per_s"}
 
 
 def _loaders(x, y, batch_size=16, test=None):
@@ -63,8 +63,9 @@ def test_fit_history_rows(random_data, cpu):
     assert [h["epoch"] for h in history] == [1, 2]
     for row in history:
         assert KEYS <= set(row)
-        assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
-        assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+        assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["eval_acc"] <= 1.0
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
+        assert row["eval_split"] == "test"
         assert row["seconds"] > 0 and row["images_per_s"] > 0
         assert 0 < row["lr"] <= recipe.lr
 
@@ -100,7 +101,7 @@ def test_fit_learns_a_learnable_task(cpu):
     recipe = helpers.Recipe(epochs=4, batch_size=16, lr=0.1, widths=TINY)
     history = helpers.fit(model, train, test, recipe, cpu, progress=False, log=None)
     assert history[-1]["train_acc"] > 0.8  # chance is 1/3
-    assert history[-1]["test_acc"] > 0.8
+    assert history[-1]["eval_acc"] > 0.8
 
 
 def test_fit_checkpoint_written(random_data, cpu, tmp_path):
@@ -146,7 +147,7 @@ def test_fit_with_ema_returns_and_scores_the_average(random_data, cpu, tmp_path)
     w, w_plain = model.out[-1].weight, plain.out[-1].weight
     assert not torch.allclose(w, w_plain)  # the average, not the last step's weights
     _, acc = helpers.evaluate(model, test, cpu, channels_last=True)
-    assert acc == pytest.approx(history[-1]["test_acc"])
+    assert acc == pytest.approx(history[-1]["eval_acc"])
     fresh = helpers.Net(TINY)
     helpers.load_checkpoint(tmp_path / "m.pt", fresh)
     torch.testing.assert_close(fresh.out[-1].weight, w.detach().contiguous())
@@ -399,7 +400,8 @@ def test_cli_train_writes_run_folder(tmp_path, png_root):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(KEYS <= set(r) for r in rows)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["final_test_acc"] == rows[-1]["eval_acc"]
+    assert {r["eval_split"] for r in rows} == {"test"}
     assert 0.0 <= summary["final_test_acc_flip_tta"] <= 1.0
     state = helpers.load_checkpoint(out / "model.pt", helpers.Net(TINY))
     assert state["epoch"] == 2
@@ -433,7 +435,9 @@ def test_cli_val_fraction_holds_out_training_images(tmp_path, png_root):
     summary = json.loads((out / "summary.json").read_text())
     assert "final_test_acc" not in summary
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert summary["final_val_acc"] == rows[-1]["test_acc"]
+    assert summary["final_val_acc"] == rows[-1]["eval_acc"]
+    assert {r["eval_split"] for r in rows} == {"val"}  # named for what was evaluated
+    assert "val loss" in res.stdout and "test loss" not in res.stdout
 
 
 def test_cli_missing_data_fails_clearly(tmp_path):
@@ -441,5 +445,6 @@ def test_cli_missing_data_fails_clearly(tmp_path):
            str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--epochs", "1"]
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=120)
-    assert res.returncode != 0
-    assert "FileNotFoundError" in res.stderr and "none" in res.stderr
+    assert res.returncode == 2
+    assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert "No CIFAR-10 data" in res.stderr and "none" in res.stderr
