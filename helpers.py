@@ -35,13 +35,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe", "build_model",
     "get_device", "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val",
-    "compute_mean_std", "exercise_augmentations", "AUGMENTATION_MAPPING", "RAMPS",
-    "ramp_probability", "EpochAugment", "EpochSampler", "CifarDataset",
-    "TensorBatches", "to_input", "make_loaders",
+    "compute_mean_std", "exercise_augmentations", "AUGMENTATION_MAPPING", "EpochAugment",
+    "EpochSampler", "CifarDataset", "TensorBatches", "to_input", "make_loaders",
     "ACTIVATIONS", "InputNorm", "ConvBNAct", "DepthwiseSeparable", "Residual", "Net",
-    "whiten_stem", "count_parameters", "count_macs",
+    "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules",
-    "check_recipe", "make_optimizer", "make_scheduler", "train_one_epoch", "ema_update",
+    "check_recipe", "make_optimizer", "make_scheduler", "train_one_epoch",
     "predict_logits", "evaluate", "fit", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "UsageError", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
@@ -353,45 +352,27 @@ def exercise_augmentations(mean: Sequence[float], p_flip: float = 0.5, p_affine:
     ], seed=seed)
 
 
-RAMPS = ("flat", "down", "up")
-
-
-def ramp_probability(p: float, ramp: str, epoch: int, epochs: int) -> float:
-    """A transform's probability in ``epoch`` (0-based) of ``epochs``; its mean over the run is p.
-
-    "flat" keeps p; "down" falls linearly from about 2p to 0, "up" rises from 0 to about 2p.
-    """
-    if ramp not in RAMPS:
-        raise ValueError(f"ramp must be one of {RAMPS}, not {ramp!r}")
-    t = (epoch + 0.5) / epochs
-    return p if ramp == "flat" else min(1.0, 2 * p * ((1 - t) if ramp == "down" else t))
-
-
 def _derive_seed(*values: int) -> int:
     """A 32-bit seed that is a pure function of ``values`` (e.g. a base seed and an epoch)."""
     return int(np.random.SeedSequence([int(v) % 2 ** 64 for v in values]).generate_state(1)[0])
 
 
 class EpochAugment:
-    """``augment`` with its Affine and CoarseDropout probabilities set per epoch (``aug_ramp``).
+    """``augment`` whose random stream restarts at every epoch from (seed, epoch).
 
     The epoch number sits in shared memory, so persistent loader workers (which hold copies of
-    this object) see each ``set_epoch`` made in the main process before the epoch starts.
-    With a ``seed`` (each loader worker gets its own through ``set_random_seed``) the random
-    stream restarts at every epoch from (seed, epoch): a run resumed at any epoch draws the
-    same augmentations as one never interrupted.
+    this object) see each ``set_epoch`` made in the main process before the epoch starts; each
+    worker gets its own seed through ``set_random_seed``. A run resumed at any epoch therefore
+    draws the same augmentations as one never interrupted.
     """
 
-    def __init__(self, augment: Any, p_affine: float, p_dropout: float, ramp: str,
-                 epochs: int, seed: int | None = None) -> None:
-        self.augment, self.ramp, self.epochs = augment, ramp, epochs
-        self.p_affine, self.p_dropout, self.seed = p_affine, p_dropout, seed
+    def __init__(self, augment: Any, seed: int | None = None) -> None:
+        self.augment, self.seed = augment, seed
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._applied = -1
-        ramp_probability(p_affine, ramp, 0, epochs)  # checks the ramp name
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the probabilities of ``epoch`` (0-based) from now on."""
+        """Draw the augmentations of ``epoch`` (0-based) from now on."""
         self._epoch[0] = epoch
 
     def set_random_seed(self, seed: int) -> None:
@@ -402,12 +383,6 @@ class EpochAugment:
     def __call__(self, **data: Any) -> dict:
         epoch = int(self._epoch[0])
         if epoch != self._applied:
-            import albumentations as A
-            for t in self.augment.transforms:
-                p = (self.p_affine if isinstance(t, A.Affine) else self.p_dropout
-                     if isinstance(t, A.CoarseDropout) else None)
-                if p is not None:
-                    t.p = ramp_probability(p, self.ramp, epoch, self.epochs)
             if self.seed is not None:
                 self.augment.set_random_seed(_derive_seed(self.seed, epoch))
             self._applied = epoch
@@ -583,13 +558,13 @@ class Net(nn.Module):
     C2 (16x16): a 3x3 stride-2 conv, then ``depths[1]`` residual blocks of two 3x3 convs;
     the first conv of the first block is dilated (d=2).
     C3 (8x8) and C4 (4x4): a depthwise separable 3x3 stride-2 conv, then ``depths[2]`` and
-    ``depths[3]`` residual blocks of two depthwise separable convs (kernel ``kernel``).
+    ``depths[3]`` residual blocks of two depthwise separable 3x3 convs.
     The input is raw pixels (0..255); ``InputNorm`` normalises them with ``mean`` and ``std``.
     """
 
     def __init__(self, widths: Sequence[int] = (32, 64, 96, 128),
                  depths: Sequence[int] = (1, 1, 1, 1), num_classes: int = 10,
-                 kernel: int = 3, act: str = "relu", dropout: float = 0.0,
+                 act: str = "gelu",
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
                  ) -> None:
         super().__init__()
@@ -601,8 +576,7 @@ class Net(nn.Module):
             return Residual(ConvBNAct(c, c, dilation=dilation, act=act), ConvBNAct(c, c, act=act))
 
         def dws_block(c: int) -> nn.Module:
-            return Residual(DepthwiseSeparable(c, c, kernel, act=act),
-                            DepthwiseSeparable(c, c, kernel, act=act))
+            return Residual(DepthwiseSeparable(c, c, act=act), DepthwiseSeparable(c, c, act=act))
 
         self.norm = InputNorm(mean, std)
         self.c1 = nn.Sequential(ConvBNAct(3, c1, act=act), *[conv_block(c1) for _ in range(d1)])
@@ -613,7 +587,7 @@ class Net(nn.Module):
         self.c4 = nn.Sequential(DepthwiseSeparable(c3, c4, 3, 2, act),
                                 *[dws_block(c4) for _ in range(d4)])
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.out = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c4, num_classes))
+        self.out = nn.Sequential(nn.Flatten(), nn.Linear(c4, num_classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, before global average pooling."""
@@ -623,27 +597,8 @@ class Net(nn.Module):
         return self.out(self.gap(self.features(x)))
 
 
-@torch.no_grad()
-def whiten_stem(model: Net, images: np.ndarray, eps: float = 5e-4, n: int = 5000) -> None:
-    """Set C1's first conv to whiten 3x3 patches of ``images`` and freeze it.
-
-    The top ``c1 // 2`` eigenvectors of the patch covariance, each scaled by
-    ``1 / sqrt(eigenvalue + eps)``, and their negatives, so a ReLU passes either sign.
-    """
-    conv = model.c1[0][0]
-    k = conv.out_channels // 2
-    x = model.norm(torch.as_tensor(images[:n]).permute(0, 3, 1, 2).float()).double()
-    patches = F.unfold(x, conv.kernel_size).transpose(1, 2).reshape(-1, x.shape[1] * 9)
-    patches = patches - patches.mean(0)
-    vals, vecs = torch.linalg.eigh(patches.T @ patches / len(patches))
-    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k].T
-    w = (vecs / (vals + eps).sqrt().view(-1, 1)).view(k, *conv.weight.shape[1:])
-    conv.weight.copy_(torch.cat([w, -w]).to(conv.weight))
-    conv.weight.requires_grad_(False)
-
-
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, frozen ones (a whitened stem) included."""
+    """Number of parameters (frozen ones included)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -839,24 +794,16 @@ class Recipe:
     pct_start: float = 0.25          # fraction of steps spent warming up
     widths: tuple[int, ...] = (32, 64, 96, 128)   # channels of C1..C4
     depths: tuple[int, ...] = (1, 1, 1, 1)        # residual blocks in C1..C4
-    kernel: int = 3                  # depthwise kernel size in C3 and C4 blocks
     act: str = "gelu"                # activation: "relu" or "gelu"
-    whiten: bool = False             # C1's first conv whitens 3x3 patches (frozen)
-    dropout: float = 0.0             # before the final linear layer
     p_flip: float = 0.5              # probability of HorizontalFlip
     p_affine: float = 0.25           # probability of the shift-scale-rotate Affine
     p_dropout: float = 0.25          # probability of the 16x16 CoarseDropout hole
-    aug_ramp: str = "flat"           # Affine/CoarseDropout probability over the run: "flat",
-    #                                  "down" (2p to 0) or "up" (0 to 2p); each averages p
-    mixup: float = 0.0               # Beta(a, a) mixup of image pairs (0: off)
-    ema: float = 0.0                 # per-step decay of a weight average (0: off; e.g. 0.999)
 
 
 def build_model(recipe: Recipe, num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
                 std: Sequence[float] = CIFAR10_STD) -> Net:
-    """The recipe's ``Net`` (widths, depths, kernel, activation, dropout)."""
-    return Net(recipe.widths, recipe.depths, num_classes, recipe.kernel, recipe.act,
-               recipe.dropout, mean, std)
+    """The recipe's ``Net`` (widths, depths, activation)."""
+    return Net(recipe.widths, recipe.depths, num_classes, recipe.act, mean, std)
 
 
 # "standard": the notebook's default; "fast": 10 epochs of a net with a quarter of the
@@ -880,11 +827,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pct_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "widths": (lambda v: v >= 1, "integers >= 1"),
     "depths": (lambda v: v >= 0, "integers >= 0, D2 >= 1"),
-    "kernel": (lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "p_flip": _PROBABILITY, "p_affine": _PROBABILITY, "p_dropout": _PROBABILITY,
-    "mixup": (lambda v: 0 <= v < math.inf, "a number >= 0; 0: off"),
-    "ema": (lambda v: 0 <= v < 1, "a decay in [0, 1); 0: off"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 4294967295]"),
     "train_subset": (lambda v: v >= 1, "an integer >= 1"),
     "test_subset": (lambda v: v >= 1, "an integer >= 1"),
@@ -904,7 +847,7 @@ def _recipe_problem(recipe: Recipe) -> tuple[str, str] | None:
                 return f.name, f"must be True or False, not {value!r}"
             continue
         if isinstance(default, str):
-            allowed = sorted(ACTIVATIONS) if f.name == "act" else list(RAMPS)
+            allowed = sorted(ACTIVATIONS)
             if value not in allowed:
                 return f.name, f"must be one of {', '.join(allowed)}, not {value!r}"
             continue
@@ -919,9 +862,6 @@ def _recipe_problem(recipe: Recipe) -> tuple[str, str] | None:
                 f"not {value!r}"
     if recipe.depths[1] < 1:
         return "depths", f"D2 must be >= 1 (C2 holds the dilated conv), not {recipe.depths[1]}"
-    if recipe.whiten and (recipe.widths[0] % 2 or recipe.widths[0] > 54):
-        return "widths", f"C1 must be even and at most 54 with whiten (3x3 patches of 3 " \
-            f"channels have 27 directions, each used with both signs), not {recipe.widths[0]}"
     return None
 
 
@@ -974,9 +914,8 @@ def _autocast(device: torch.device) -> Any:
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: Any, criterion: nn.Module, device: torch.device,
                     scaler: Any = None, channels_last: bool = True, progress: bool = True,
-                    desc: str = "train", ema: nn.Module | None = None, ema_decay: float = 0.0,
-                    mixup: float = 0.0) -> tuple[float, float]:
-    """One pass over ``loader``, stepping the scheduler (and ``ema``) per batch: (loss, acc)."""
+                    desc: str = "train") -> tuple[float, float]:
+    """One pass over ``loader``, stepping the scheduler per batch: (mean loss, accuracy)."""
     model.train()
     use_amp = scaler is not None and scaler.is_enabled()
     # Sums stay on the device: reading a GPU number each step would stall the pipeline.
@@ -986,14 +925,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for step, (x, y) in enumerate(_progress(loader, desc, progress)):
         x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
         with _autocast(device):
-            if mixup > 0:
-                lam = float(np.random.beta(mixup, mixup))
-                perm = torch.randperm(len(y), device=device)
-                logits = model(lam * x + (1 - lam) * x[perm])
-                loss = lam * criterion(logits, y) + (1 - lam) * criterion(logits, y[perm])
-            else:
-                logits = model(x)
-                loss = criterion(logits, y)
+            logits = model(x)
+            loss = criterion(logits, y)
         if (device.type != "cuda" or step % 50 == 0) and not torch.isfinite(loss):
             raise FloatingPointError(f"Loss became {loss.item()} at batch {step}: lower the "
                                      "learning rate or check the data normalisation.")
@@ -1007,8 +940,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if ema is not None:
-            ema_update(ema, model, ema_decay)
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -1016,16 +947,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         raise FloatingPointError("Loss became nan or inf during the epoch: lower the "
                                  "learning rate or check the data normalisation.")
     return total_loss.item() / seen, correct.item() / seen
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for weights and BatchNorm statistics."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(m, 1.0 - decay)
-        else:  # counters such as num_batches_tracked
-            e.copy_(m)
 
 
 @torch.no_grad()
@@ -1115,9 +1036,8 @@ def _plain(value: Any) -> Any:
 _RESUME_KEYS = ("recipe", "steps_per_epoch", "scheduler", "scaler", "rng", "data_seeds")
 
 
-def _resume(path: Path, recipe: Recipe, model: nn.Module, ema: nn.Module | None,
-            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-            loader: Any) -> list[dict]:
+def _resume(path: Path, recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, scaler: Any, loader: Any) -> list[dict]:
     """Load all a checkpoint holds into the training objects; return its history."""
     state = _read_checkpoint(path)
     missing = [k for k in _RESUME_KEYS if k not in state]
@@ -1131,9 +1051,7 @@ def _resume(path: Path, recipe: Recipe, model: nn.Module, ema: nn.Module | None,
         raise CheckpointError(f"Checkpoint {path} was made by a different run "
                               f"({'; '.join(diff)}): resume with the same settings")
     try:
-        (ema if ema is not None else model).load_state_dict(state["model"])
-        if ema is not None:
-            model.load_state_dict(state["train_model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -1146,11 +1064,9 @@ def _resume(path: Path, recipe: Recipe, model: nn.Module, ema: nn.Module | None,
     return list(state["history"])
 
 
-def _resume_state(recipe: Recipe, loader: Any, trained: nn.Module | None, scheduler: Any,
-                  scaler: Any) -> dict:
-    """What a checkpoint holds beside the scored weights and the optimizer, for ``_resume``."""
-    return dict(format=2, recipe=asdict(recipe), steps_per_epoch=len(loader),
-                train_model=trained.state_dict() if trained is not None else None,
+def _resume_state(recipe: Recipe, loader: Any, scheduler: Any, scaler: Any) -> dict:
+    """What a checkpoint holds beside the weights and the optimizer, for ``_resume``."""
+    return dict(format=3, recipe=asdict(recipe), steps_per_epoch=len(loader),
                 scheduler=scheduler.state_dict() if scheduler is not None else None,
                 scaler=scaler.state_dict(), rng=_rng_state(), data_seeds=_data_seeds(loader))
 
@@ -1162,10 +1078,9 @@ def _kept_checkpoint(checkpoint: Any, epoch: int) -> str:
     return f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
 
 
-def _stop_if_not_finite(epoch: int, row: dict, model: nn.Module, ema: nn.Module | None,
-                        checkpoint: Any) -> None:
+def _stop_if_not_finite(epoch: int, row: dict, model: nn.Module, checkpoint: Any) -> None:
     """Raise FloatingPointError, before anything is saved, if the epoch diverged."""
-    bad = _first_non_finite(model, ema)
+    bad = _first_non_finite(model)
     bad = f"{bad} holds nan or inf" if bad else None
     if not math.isfinite(row["eval_loss"]):
         loss = f"the {row['eval_split']} loss is {row['eval_loss']}"
@@ -1185,9 +1100,7 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
 
     ``eval_batches`` (the ``eval_split``: "test" or "val") is evaluated after each epoch for
     the log only: the model returned is the final one, never an epoch picked by its score.
-    With ``recipe.ema`` the scores, ``model`` entry of the checkpoint and returned weights are
-    those of the running average of the weights. With ``recipe.whiten`` the stem must already
-    be whitened (``whiten_stem``). ``checkpoint`` is saved after every epoch with all that
+    ``checkpoint`` is saved after every epoch with all that
     training needs to go on; ``resume=True`` continues from it (from the start if it does not
     exist yet), and ``log`` sees only the new rows. A loader from ``make_loaders(seed=...)``
     with an ``EpochAugment(seed=...)`` makes a resumed run equal to an uninterrupted one.
@@ -1206,11 +1119,9 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
     scheduler = make_scheduler(optimizer, recipe, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    ema = copy.deepcopy(model) if recipe.ema > 0 else None
-    scored = ema if ema is not None else model
     history: list[dict] = []
     if resume and Path(checkpoint).is_file():
-        history = _resume(Path(checkpoint), recipe, model, ema, optimizer, scheduler, scaler,
+        history = _resume(Path(checkpoint), recipe, model, optimizer, scheduler, scaler,
                           train_loader)
     transform = getattr(train_loader.dataset, "transform", None)
     for epoch in range(len(history) + 1, recipe.epochs + 1):
@@ -1221,26 +1132,23 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
         try:
             tr_loss, tr_acc = train_one_epoch(
                 model, train_loader, optimizer, scheduler, criterion, device, scaler,
-                channels_last, progress, desc=f"epoch {epoch}/{recipe.epochs}", ema=ema,
-                ema_decay=recipe.ema, mixup=recipe.mixup)
+                channels_last, progress, desc=f"epoch {epoch}/{recipe.epochs}")
         except FloatingPointError as e:
             raise FloatingPointError(f"Epoch {epoch}: {e} Stopped before saving "
                                      f"({_kept_checkpoint(checkpoint, epoch)}).") from None
         train_seconds = time.perf_counter() - start
-        ev_loss, ev_acc = evaluate(scored, eval_batches, device, None, channels_last)
+        ev_loss, ev_acc = evaluate(model, eval_batches, device, None, channels_last)
         row = dict(epoch=epoch, lr=lr, train_loss=tr_loss, train_acc=tr_acc,
                    eval_split=eval_split, eval_loss=ev_loss, eval_acc=ev_acc,
                    train_seconds=train_seconds, seconds=time.perf_counter() - start,
                    images_per_s=len(train_loader) * train_loader.batch_size / train_seconds)
-        _stop_if_not_finite(epoch, row, model, ema, checkpoint)
+        _stop_if_not_finite(epoch, row, model, checkpoint)
         history.append(row)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, scored, optimizer, epoch, history, **_resume_state(
-                recipe, train_loader, model if ema is not None else None, scheduler, scaler))
+            save_checkpoint(checkpoint, model, optimizer, epoch, history,
+                            **_resume_state(recipe, train_loader, scheduler, scaler))
         if log is not None:
             log(row if log is not print else _format_row(row, recipe.epochs))
-    if ema is not None:
-        model.load_state_dict(ema.state_dict())
     return history
 
 
@@ -1639,18 +1547,11 @@ def _build_parser() -> argparse.ArgumentParser:
     override("widths", int, "channel widths of C1..C4", nargs=4, metavar=("C1", "C2", "C3", "C4"))
     override("depths", int, "residual blocks in C1..C4", nargs=4,
              metavar=("D1", "D2", "D3", "D4"))
-    override("kernel", int, "depthwise kernel size of C3 and C4", metavar="K")
     t.add_argument("--act", choices=sorted(ACTIVATIONS), help="override the activation")
-    t.add_argument("--whiten", action=argparse.BooleanOptionalAction,
-                   help="override whether C1's first conv whitens 3x3 patches")
     override("weight_decay", float, "weight decay", metavar="WD")
     override("label_smoothing", float, "label smoothing", metavar="S")
     override("p_affine", float, "Affine probability", metavar="P")
     override("p_dropout", float, "CoarseDropout probability", metavar="P")
-    t.add_argument("--aug-ramp", choices=RAMPS, help="override how the Affine and "
-                   "CoarseDropout probabilities change over the run (each averages its p)")
-    override("mixup", float, "mixup Beta parameter", metavar="A")
-    override("ema", float, "per-step decay of a running average of the weights", metavar="D")
     t.add_argument("--seed", type=_checked(int, "seed"), default=0, metavar="N",
                    help="seed of every random choice: weights, data order, augmentation, "
                    "subsets (default 0)")
@@ -1853,15 +1754,12 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     data, (x_tr, y_tr), (x_te, y_te), split = _load_data(args)
     mean, std = compute_mean_std(x_tr)
     set_seed(args.seed)
-    augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, seed=args.seed),
-                           recipe.p_affine, recipe.p_dropout, recipe.aug_ramp, recipe.epochs,
-                           seed=args.seed)
+    augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
+                                                  recipe.p_dropout, seed=args.seed), args.seed)
     train_loader, test_batches = make_loaders(
         CifarDataset(x_tr, y_tr, augment), CifarDataset(x_te, y_te), recipe.batch_size, device,
         options["workers"], seed=args.seed)
     model = build_model(recipe, len(data.classes), mean, std)
-    if recipe.whiten:
-        whiten_stem(model, x_tr)
     meta = dict(**options, data=data.source, classes=list(data.classes),
                 train_images=len(x_tr), eval_split=split, eval_images=len(x_te),
                 device=str(device), threads=torch.get_num_threads(),

@@ -24,10 +24,9 @@ from conftest import make_arrays, write_batches
 TINY = (8, 16, 16, 16)
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "train_seconds", "images_per_s"}
-# 30 training images in batches of 8: 3 steps per epoch; EMA, mixup and a ramp use every
-# kind of state a resume must restore.
+# 30 training images in batches of 8: 3 steps per epoch.
 RUN = ["--epochs", "3", "--widths", "8", "16", "16", "16", "--batch-size", "8", "--no-progress",
-       "--threads", "1", "--ema", "0.9", "--mixup", "0.2", "--aug-ramp", "down"]
+       "--threads", "1"]
 
 # Runs helpers.main in a subprocess and parks it, writing OUT/paused, at a chosen moment:
 # "batch": in the second training batch of epoch 2 (after the checkpoint of epoch 1);
@@ -175,15 +174,14 @@ def test_interrupted_run_resumes_to_the_same_history_and_weights(
     assert config["workers"] == 1  # recorded, and reused by --resume without --workers
 
 
-def _fit_setup(seed=0, ema=0.5):
+def _fit_setup(seed=0):
     """Model, loader and test batches built as the CLI builds them (no workers)."""
     x, y = make_arrays(3, 1)
     helpers.set_seed(seed)
     mean, _ = helpers.compute_mean_std(x)
-    recipe = helpers.Recipe(epochs=3, batch_size=8, widths=TINY, ema=ema, mixup=0.2,
-                            dropout=0.1, aug_ramp="up")
-    aug = helpers.EpochAugment(helpers.exercise_augmentations(mean, seed=seed), 0.5, 0.5,
-                               recipe.aug_ramp, recipe.epochs, seed=seed)
+    recipe = helpers.Recipe(epochs=3, batch_size=8, widths=TINY)
+    aug = helpers.EpochAugment(helpers.exercise_augmentations(mean, 0.5, 0.5, 0.5, seed=seed),
+                               seed=seed)
     train, test = helpers.make_loaders(helpers.CifarDataset(x, y, aug),
                                        helpers.CifarDataset(x, y), 8, num_workers=0, seed=seed)
     return helpers.build_model(recipe), train, test, recipe
@@ -217,7 +215,7 @@ def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu):
 
 
 def test_fit_resume_without_a_checkpoint_starts_from_epoch_1(tmp_path, cpu):
-    model, train, test, recipe = _fit_setup(ema=0.0)
+    model, train, test, recipe = _fit_setup()
     history = helpers.fit(model, train, test, replace(recipe, epochs=1), cpu, progress=False,
                           log=None, checkpoint=tmp_path / "m.pt", resume=True)
     assert [r["epoch"] for r in history] == [1]
@@ -226,16 +224,16 @@ def test_fit_resume_without_a_checkpoint_starts_from_epoch_1(tmp_path, cpu):
 
 
 def test_fit_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, cpu):
-    model, train, test, recipe = _fit_setup(ema=0.0)
+    model, train, test, recipe = _fit_setup()
     path = tmp_path / "m.pt"
     helpers.fit(model, train, test, replace(recipe, epochs=1), cpu, progress=False,
                 log=None, checkpoint=path)
     with pytest.raises(helpers.CheckpointError, match=r"epochs 1 -> 3"):
-        helpers.fit(*_fit_setup(ema=0.0)[:3], recipe, cpu, progress=False, log=None,
+        helpers.fit(*_fit_setup()[:3], recipe, cpu, progress=False, log=None,
                     checkpoint=path, resume=True)
     helpers.save_checkpoint(path, model, epoch=1)  # the old format: weights only
     with pytest.raises(helpers.CheckpointError, match="cannot be resumed"):
-        helpers.fit(*_fit_setup(ema=0.0)[:3], recipe, cpu, progress=False, log=None,
+        helpers.fit(*_fit_setup()[:3], recipe, cpu, progress=False, log=None,
                     checkpoint=path, resume=True)
 
 
@@ -415,7 +413,7 @@ class _GoodThenNaN:
 
 def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_path, cpu):
     """Case 6, in fit: the training loss stays finite, the evaluation loss does not."""
-    model, train, _, recipe = _fit_setup(ema=0.0)
+    model, train, _, recipe = _fit_setup()
     x, y = make_arrays(2, 2)
     path = tmp_path / "m.pt"
     logged = []
@@ -428,7 +426,7 @@ def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_fit_stops_on_non_finite_batchnorm_statistics(tmp_path, cpu):
     """Finite evaluation, but a BatchNorm buffer went inf: nothing is saved."""
-    model, train, test, recipe = _fit_setup(ema=0.0)
+    model, train, test, recipe = _fit_setup()
     bn, calls = model.c3[0][2], []
 
     def poison(module, inputs):
@@ -463,7 +461,6 @@ BAD_OPTIONS = [  # (options, words the one-line error must hold); cases 3 and 4 
     (["--val-fraction", "-0.2"], "--val-fraction: expected a number in (0, 1)"),
     (["--val-fraction", "1"], "--val-fraction: expected a number in (0, 1)"),
     (["--train-subset", "-10"], "--train-subset: expected an integer >= 1"),
-    (["--ema", "1.5"], "--ema: expected a decay in [0, 1)"),
     (["--threads", "0"], "--threads: expected an integer in [1, 1024]"),
     (["--epochs", "0"], "--epochs: expected an integer >= 1"),
     (["--test-subset", "0"], "--test-subset: expected an integer >= 1"),
@@ -479,9 +476,6 @@ BAD_OPTIONS = [  # (options, words the one-line error must hold); cases 3 and 4 
     (["--label-smoothing", "1"], "--label-smoothing: expected a number in [0, 1)"),
     (["--p-affine", "1.5"], "--p-affine: expected a probability in [0, 1]"),
     (["--p-dropout", "-0.1"], "--p-dropout: expected a probability in [0, 1]"),
-    (["--mixup", "-1"], "--mixup: expected a number >= 0"),
-    (["--ema", "-0.1"], "--ema: expected a decay in [0, 1)"),
-    (["--kernel", "2"], "--kernel: expected an odd integer >= 1"),
     (["--depths", "-1", "1", "1", "1"], "--depths: expected integers >= 0"),
     (["--depths", "1", "0", "1", "1"], "--depths: D2 must be >= 1"),
     (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]"),
@@ -491,9 +485,7 @@ BAD_OPTIONS = [  # (options, words the one-line error must hold); cases 3 and 4 
     (["--download-timeout", "1e308"], "--download-timeout: expected a number of seconds in"),
     (["--out", ""], "--out: expected a folder name"),
     (["--act", "tanh"], "--act: invalid choice"),
-    (["--aug-ramp", "sideways"], "--aug-ramp: invalid choice"),
     (["--recipe", "huge"], "--recipe: invalid choice"),
-    (["--whiten", "--widths", "15", "16", "16", "16"], "--widths: C1 must be even"),
     (["--val-fraction", "0.2", "--test-subset", "5"], "--test-subset: not allowed with"),
     (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -511,7 +503,7 @@ def test_bad_option_is_one_line_before_any_data_is_read(options, says, tmp_path,
 
 
 def test_bad_options_in_a_real_process(tmp_path):
-    for options in (["--ema", "1.5"], ["--epochs", "0"]):
+    for options in (["--p-affine", "1.5"], ["--epochs", "0"]):
         res = subprocess.run([sys.executable, str(REPO / "helpers.py"), "train", "--data-dir",
                               str(tmp_path), *options], env=_env(), capture_output=True,
                              text=True, timeout=120, cwd=tmp_path)
@@ -541,15 +533,15 @@ def test_every_option_has_help_and_widths_shows_c1_to_c4():
 
 
 def test_check_recipe_refuses_values_that_would_fall_back():
-    for field, value in (("act", "tanh"), ("aug_ramp", "sideways"), ("ema", 1.0),
-                         ("epochs", 0), ("widths", (8, 16, 16)), ("depths", (1, 0, 1, 1)),
-                         ("whiten", "yes"), ("lr", float("nan")), ("epochs", 2.0)):
+    for field, value in (("act", "tanh"), ("p_dropout", 1.5), ("epochs", 0),
+                         ("widths", (8, 16, 16)), ("depths", (1, 0, 1, 1)),
+                         ("lr", float("nan")), ("epochs", 2.0)):
         with pytest.raises(ValueError, match=field):
             helpers.check_recipe(replace(helpers.Recipe(), **{field: value}))
     for recipe in helpers.RECIPES.values():
         helpers.check_recipe(recipe)
-    with pytest.raises(ValueError, match="ema"):
-        helpers.fit(helpers.Net(TINY), [], [], replace(helpers.Recipe(), ema=1.5),
+    with pytest.raises(ValueError, match="p_affine"):
+        helpers.fit(helpers.Net(TINY), [], [], replace(helpers.Recipe(), p_affine=1.5),
                     torch.device("cpu"))
 
 
