@@ -3,7 +3,8 @@
 Everything the notebook does and the tests check lives here: seeding and device choice, data
 loading (torchvision download, the official batches folder, or an image-folder tree), statistics,
 the albumentations pipelines, the model, the receptive-field table and rule checklist, training
-with OneCycle, reports and plots, and a command-line entry point (``python helpers.py train``).
+with OneCycle, reports and plots, a speed benchmark, and a command-line entry point
+(``python helpers.py train`` or ``bench``).
 
 Importing this module does nothing but define names: no download, no seeding, no plotting.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -22,9 +24,9 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +49,8 @@ __all__ = [
     "per_class_accuracy", "grad_cam",
     "plot_image_grid", "plot_augmentations", "plot_augmentation_rows", "plot_history",
     "plot_misclassified", "plot_confusion_matrix", "plot_gradcam", "plot_receptive_field",
-    "figures_folder", "save_figure", "main",
+    "figures_folder", "save_figure", "EPOCH_IMAGES", "EVAL_IMAGES", "bench", "bench_table",
+    "main",
 ]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -494,7 +497,10 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int 
                        worker_init_fn=_seed_worker,
                        generator=torch.Generator().manual_seed(_derive_seed(seed, -1)),
                        prefetch_factor=4 if num_workers > 0 else None)
-    test = TensorBatches(test_ds.images, test_ds.labels, 1000, device)
+    # Large test batches feed a GPU; on a CPU 256 images keep the activations in cache
+    # (batches of 1000 scored about 1.6x slower on a 2-core CPU).
+    test = TensorBatches(test_ds.images, test_ds.labels,
+                         256 if device.type == "cpu" else 1000, device)
     return train, test
 
 
@@ -835,6 +841,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threads": (lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"),
     "workers": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
     "download_timeout": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
+    "seconds": (lambda v: 0 < v <= 3600, "a number of seconds in (0, 3600]"),
 }
 
 
@@ -1091,6 +1098,19 @@ def _stop_if_not_finite(epoch: int, row: dict, model: nn.Module, checkpoint: Any
             f"saving ({_kept_checkpoint(checkpoint, epoch)}). Lower the learning rate.")
 
 
+def _training_parts(model: nn.Module, recipe: Recipe, device: torch.device,
+                    steps_per_epoch: int, channels_last: bool) -> tuple:
+    """Move ``model`` to ``device``; return its optimizer, scheduler, criterion and scaler."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.to(device)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return optimizer, scheduler, criterion, scaler
+
+
 def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
         recipe: Recipe, device: torch.device, channels_last: bool | None = None,
         progress: bool = True, log: Callable[[dict], None] | None = print,
@@ -1112,13 +1132,8 @@ def fit(model: nn.Module, train_loader: DataLoader, eval_batches: Iterable,
         raise ValueError("resume=True needs the checkpoint path to resume from")
     if channels_last is None:
         channels_last = device.type in ("cpu", "cuda")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.to(device)
-    optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe, len(train_loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    optimizer, scheduler, criterion, scaler = _training_parts(
+        model, recipe, device, len(train_loader), channels_last)
     history: list[dict] = []
     if resume and Path(checkpoint).is_file():
         history = _resume(Path(checkpoint), recipe, model, optimizer, scheduler, scaler,
@@ -1493,6 +1508,155 @@ def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+# --------------------------------------------------------------------------- benchmark
+EPOCH_IMAGES, EVAL_IMAGES = 50_000, 10_000  # a CIFAR-10 training epoch and its test set
+
+
+def _recipe_pipeline(recipe: Recipe, arrays: Sequence[np.ndarray], mean: Sequence[float],
+                     std: Sequence[float], device: torch.device, workers: int | None,
+                     seed: int = 0, num_classes: int = 10
+                     ) -> tuple[DataLoader, TensorBatches, Net]:
+    """The recipe's augmented training loader, test batches and model, seeded by ``seed``."""
+    x_tr, y_tr, x_te, y_te = arrays
+    augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
+                                                  recipe.p_dropout, seed=seed), seed)
+    train_loader, test_batches = make_loaders(
+        CifarDataset(x_tr, y_tr, augment), CifarDataset(x_te, y_te), recipe.batch_size, device,
+        workers, seed=seed)
+    return train_loader, test_batches, build_model(recipe, num_classes, mean, std)
+
+
+def _cycle(batches: Iterable) -> Iterator:
+    """``batches`` without end: a new pass (as in a new epoch) whenever one ends."""
+    while True:
+        yield from batches
+
+
+def _consume(batches: Iterable) -> None:
+    for _ in batches:
+        pass
+
+
+def _timed(run: Callable[[Iterable], Any], batches: Iterator, seconds: float,
+           warmup: int) -> tuple[int, float]:
+    """(images, seconds) of ``run`` fed from ``batches``: ``warmup`` untimed, then ``seconds``."""
+    run(itertools.islice(batches, max(1, warmup)))
+    seen, start = [0], time.perf_counter()
+
+    def timed() -> Iterator:
+        for batch in batches:
+            yield batch
+            seen[0] += len(batch[1])  # ``run`` is done with it once it asks for the next
+            if time.perf_counter() - start >= seconds:
+                return
+
+    run(timed())
+    return seen[0], time.perf_counter() - start
+
+
+def _timed_eval(model: nn.Module, test: TensorBatches, device: torch.device,
+                channels_last: bool, seconds: float) -> tuple[int, float]:
+    """(images, seconds) of ``evaluate`` in whole passes of ``test`` (at least one)."""
+    evaluate(model, itertools.islice(test, 1), device, channels_last=channels_last)  # warm-up
+    passes, start = 0, time.perf_counter()
+    while passes == 0 or time.perf_counter() - start < seconds:
+        evaluate(model, test, device, channels_last=channels_last)
+        passes += 1
+    return passes * len(test.images), time.perf_counter() - start
+
+
+def _random_batches(n: int, batch_size: int, shape: Sequence[int], num_classes: int,
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of random uint8 NHWC images and labels, already on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (batch_size, *shape), generator=g, dtype=torch.uint8)
+             .to(device), torch.randint(0, num_classes, (batch_size,), generator=g).to(device))
+            for _ in range(n)]
+
+
+def bench(data: CifarData | Sequence[np.ndarray], recipe: Recipe | str = "standard",
+          device: torch.device | str | None = None, workers: int | None = None,
+          batch_size: int | None = None, seconds: float = 8.0) -> dict:
+    """Images/s of the training loader, the model's training step, both together, evaluation.
+
+    ``data`` is a CifarData or (x_train, y_train, x_test, y_test). The recipe's model and
+    augmentation run as in ``fit``; each figure is timed for ``seconds`` after a warm-up
+    (model only in two halves, before and after end-to-end, so the two see the same load).
+    """
+    name = recipe if isinstance(recipe, str) else "custom"
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    recipe = replace(recipe, batch_size=batch_size or recipe.batch_size)
+    arrays = ((data.x_train, data.y_train, data.x_test, data.y_test)
+              if isinstance(data, CifarData) else tuple(data))
+    n_cls = len(data.classes) if isinstance(data, CifarData) else 10
+    device = torch.device(device) if device is not None else get_device(verbose=False)
+    mean, std = compute_mean_std(arrays[0])
+    loader, test, model = _recipe_pipeline(recipe, arrays, mean, std, device, workers,
+                                           num_classes=n_cls)
+    macs, channels_last = count_macs(model), device.type in ("cpu", "cuda")
+    optimizer, scheduler, criterion, scaler = _training_parts(
+        model, recipe, device, 10 ** 7, channels_last)  # a schedule that never runs out
+
+    def train(batches: Iterable) -> None:
+        train_one_epoch(model, batches, optimizer, scheduler, criterion, device, scaler,
+                        channels_last, False)
+
+    fake = _cycle(_random_batches(4, recipe.batch_size, arrays[0].shape[1:], n_cls, device))
+    real, warm = _cycle(loader), 2 + loader.num_workers * (loader.prefetch_factor or 0)
+    t = dict(loader=_timed(_consume, real, seconds, warm))
+    # model only in two halves around end-to-end: a load that drifts touches both alike
+    first = _timed(train, fake, seconds / 2, 3)
+    t["end_to_end"] = _timed(train, real, seconds, warm)
+    second = _timed(train, fake, seconds / 2, 1)
+    t["model"] = (first[0] + second[0], first[1] + second[1])
+    t["eval"] = _timed_eval(model, test, device, channels_last, seconds)
+    real.close()  # lets the persistent workers go
+    return _bench_result(t, dict(
+        recipe=name, device=str(device), torch=torch.__version__, cpus=os.cpu_count(),
+        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+        workers=loader.num_workers, batch_size=recipe.batch_size, seconds=seconds,
+        params=count_parameters(model), macs=macs, eval_set_images=len(test.images)))
+
+
+def _bench_result(timed: dict[str, tuple[int, float]], meta: dict) -> dict:
+    """``meta`` with the rates from ``timed`` (images, seconds) and the figures derived."""
+    r = {k: n / sec for k, (n, sec) in timed.items()}
+    epoch_s, eval_s = EPOCH_IMAGES / r["end_to_end"], EVAL_IMAGES / r["eval"]
+    return dict(
+        meta, loader_images_per_s=r["loader"],
+        loader_images_per_s_per_worker=r["loader"] / max(1, meta["workers"]),
+        model_images_per_s=r["model"], end_to_end_images_per_s=r["end_to_end"],
+        eval_images_per_s=r["eval"], end_to_end_pct_of_model=100 * r["end_to_end"] / r["model"],
+        epoch_images=EPOCH_IMAGES, epoch_seconds=epoch_s, eval_images=EVAL_IMAGES,
+        eval_seconds=eval_s, eval_pct_of_epoch=100 * eval_s / epoch_s,
+        timed_images={k: v[0] for k, v in timed.items()},
+        timed_seconds={k: v[1] for k, v in timed.items()})
+
+
+def bench_table(result: dict) -> str:
+    """A ``bench`` result as a small readable table."""
+    r, w = result, result["workers"]
+    rows = [
+        ("loader only, total", r["loader_images_per_s"],
+         f"{w} worker{'' if w == 1 else 's'}" + (" (0: in the main process)" if w == 0 else "")),
+        ("loader only, per worker", r["loader_images_per_s_per_worker"],
+         "albumentations and collation"),
+        ("model only", r["model_images_per_s"], "training steps on random uint8 batches"),
+        ("end-to-end training", r["end_to_end_images_per_s"],
+         f"{r['end_to_end_pct_of_model']:.1f}% of model only; "
+         f"{r['epoch_images']:,} images in {r['epoch_seconds']:.1f} s"),
+        ("evaluation", r["eval_images_per_s"],
+         f"{r['eval_images']:,} images in {r['eval_seconds']:.2f} s = "
+         f"{r['eval_pct_of_epoch']:.1f}% of an epoch"),
+    ]
+    head = (f"recipe {r['recipe']} ({r['macs'] / 1e6:.1f}M multiply-adds/image), batch "
+            f"{r['batch_size']}, {r['device']}, torch {r['torch']}, {r['threads']} threads, "
+            f"{w} worker(s), {r['seconds']:g} s per figure")
+    lines = [f"{'':<25}{'images/s':>10}  note"]
+    lines += [f"{label:<25}{rate:>10,.0f}  {note}" for label, rate, note in rows]
+    return "\n".join([head, *lines])
+
+
 # --------------------------------------------------------------------------- command line
 class UsageError(ValueError):
     """Bad command-line input found after parsing: one line on stderr, exit status 2."""
@@ -1577,6 +1741,21 @@ def _build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run in --out instead of refusing to")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation")
+    b.add_argument("--data-dir", required=True, help="folder with CIFAR-10 in a known layout")
+    b.add_argument("--download", action="store_true", help="download with torchvision")
+    b.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
+                   help="the recipe whose model and batch size are timed (default standard)")
+    b.add_argument("--workers", type=_checked(int, "workers"), metavar="N",
+                   help="data-loader worker processes (default: 1 on a CPU, up to 8 on a GPU)")
+    b.add_argument("--batch-size", type=_checked(int, "batch_size"), metavar="N",
+                   help="override the recipe's batch size (an integer >= 1)")
+    b.add_argument("--seconds", type=_checked(float, "seconds"), default=8.0, metavar="S",
+                   help="timed seconds per figure (a number in (0, 3600]; default 8)")
+    b.add_argument("--threads", type=_checked(int, "threads"), metavar="N",
+                   help="torch CPU threads (an integer in [1, 1024]; default: all cores)")
+    b.add_argument("--device", choices=("cpu", "cuda", "mps"),
+                   help="the device to time (default: the best available)")
     return p
 
 
@@ -1754,12 +1933,9 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     data, (x_tr, y_tr), (x_te, y_te), split = _load_data(args)
     mean, std = compute_mean_std(x_tr)
     set_seed(args.seed)
-    augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
-                                                  recipe.p_dropout, seed=args.seed), args.seed)
-    train_loader, test_batches = make_loaders(
-        CifarDataset(x_tr, y_tr, augment), CifarDataset(x_te, y_te), recipe.batch_size, device,
-        options["workers"], seed=args.seed)
-    model = build_model(recipe, len(data.classes), mean, std)
+    train_loader, test_batches, model = _recipe_pipeline(
+        recipe, (x_tr, y_tr, x_te, y_te), mean, std, device, options["workers"], args.seed,
+        len(data.classes))
     meta = dict(**options, data=data.source, classes=list(data.classes),
                 train_images=len(x_tr), eval_split=split, eval_images=len(x_te),
                 device=str(device), threads=torch.get_num_threads(),
@@ -1786,18 +1962,30 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     return history
 
 
+def _run_bench(args: argparse.Namespace) -> dict:
+    """``bench`` on the data in ``--data-dir``: one JSON line, then the table."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data_dir, download=args.download)
+    result = bench(data, args.recipe, args.device, args.workers, args.batch_size, args.seconds)
+    print(json.dumps(result))
+    print(bench_table(result), flush=True)
+    return result
+
+
 def _interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python helpers.py train --data-dir DIR ...``.
+    """Command-line entry point: ``python helpers.py train|bench --data-dir DIR ...``.
 
     Exit status: 0 done, 1 training diverged, 2 bad input (one line on stderr), 130 or 143
     interrupted by SIGINT or SIGTERM (the last checkpoint is kept: continue with --resume).
     """
     args = _build_parser().parse_args(argv)
-    if args.command != "train":
+    if args.command == "bench":
+        _run_bench(args)
         return 0
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C

@@ -380,3 +380,9 @@ def test_download_from_a_stalled_server_times_out(tmp_path, monkeypatch):
         server.close()
     assert time.monotonic() - start < 30
     assert socket.getdefaulttimeout() is None  # restored
+
+
+def test_test_batches_are_cache_sized_on_cpu():
+    ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    _, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu", num_workers=0)
+    assert 128 <= test.batch_size <= 512  # batches of 1000 scored about 1.6x slower on a CPU

@@ -1,7 +1,6 @@
 """The network, its parameter/MAC counts, the rule checklist and the receptive field."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
