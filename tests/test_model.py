@@ -311,8 +311,9 @@ def test_rf_table_of_other_models_keeps_module_paths():
     assert table["block"].tolist() == ["-"] and table["layer"].tolist() == ["0"]
 
 
-def test_rf_grows_with_kernel_and_depth():
-    base = _final_rf(helpers.Net(SMALL))
+def test_rf_grows_with_depth():
+    base = _final_rf(helpers.Net(SMALL, depths=(0, 1, 1, 1)))
+    # one more residual block of two 3x3 convs at 32x32 (jump 1) adds 2 + 2
     assert _final_rf(helpers.Net(SMALL, depths=(1, 1, 1, 1))) == base + 4
 
 

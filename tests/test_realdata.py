@@ -75,9 +75,8 @@ def test_one_epoch_default_net_beats_chance(real_data):
         recipe = replace(helpers.RECIPES["fast"], epochs=1)
         mean, std = helpers.compute_mean_std(x_tr)
         helpers.set_seed(0)
-        augment = helpers.EpochAugment(helpers.exercise_augmentations(mean, recipe.p_flip),
-                                       recipe.p_affine, recipe.p_dropout, recipe.aug_ramp,
-                                       recipe.epochs, seed=0)
+        augment = helpers.EpochAugment(helpers.exercise_augmentations(
+            mean, recipe.p_flip, recipe.p_affine, recipe.p_dropout), seed=0)
         train, test = helpers.make_loaders(
             helpers.CifarDataset(x_tr, y_tr, augment), helpers.CifarDataset(x_te, y_te),
             recipe.batch_size, "cpu", num_workers=0, seed=0)
