@@ -1263,7 +1263,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     """Load a checkpoint into ``model`` (and optimizer); clear errors if missing or corrupt.
 
     Only tensors and plain values are unpickled (``weights_only=True``): a file holding
-    anything else is refused. With EMA, ``model`` receives the averaged weights.
+    anything else is refused.
     """
     state = _read_checkpoint(path)
     try:

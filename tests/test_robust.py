@@ -1,7 +1,6 @@
 """Interruption and resume, the runs folder, safe checkpoints, and bad input refused up front.
 
-The numbered cases refer to the issue "Training that survives interruption, refuses bad input
-up front, and never runs a checkpoint's code"; GUARDS.md lists each with its test.
+README's "What it guards against" lists each fault with the test below that shows it.
 """
 from __future__ import annotations
 
@@ -157,7 +156,7 @@ def test_interrupted_run_resumes_to_the_same_history_and_weights(
         line = _one_line(err)
         assert f"interrupted by {sig.name}" in line and "keeps epoch 1" in line
         assert "--resume" in line
-    # case 1: a rerun without --resume is refused, and changes nothing
+    # a rerun without --resume is refused, and changes nothing
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, err = _cli(capsys, *_train_cmd(data_dir, out)[2:])
     assert code == 2 and "partial run" in _one_line(err)
@@ -333,7 +332,7 @@ class _RunsCode:
 
 
 def test_checkpoint_with_code_is_refused_and_never_run(tmp_path, data_dir, capsys):
-    """Case 2: a crafted model.pt ran a shell command on load."""
+    """A crafted model.pt ran a shell command on load."""
     marker, path = tmp_path / "ran", tmp_path / "model.pt"
     torch.save({"model": _RunsCode(marker), "epoch": 1}, path)
     with pytest.raises(helpers.CheckpointError, match="refused.*could run code"):
@@ -410,7 +409,7 @@ class _GoodThenNaN:
 
 
 def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_path, cpu):
-    """Case 6, in fit: the training loss stays finite, the evaluation loss does not."""
+    """In fit: the training loss stays finite, the evaluation loss does not."""
     model, train, _, recipe = _fit_setup()
     x, y = make_arrays(2, 2)
     path = tmp_path / "m.pt"
@@ -440,7 +439,7 @@ def test_fit_stops_on_non_finite_batchnorm_statistics(tmp_path, cpu):
 
 
 def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_path, capsys):
-    """Case 6: a learning rate far too high (1000) makes the loss nan; the run stops."""
+    """A learning rate far too high (1000) makes the loss nan; the run stops."""
     out = tmp_path / "run"
     code, err = _cli(capsys, "train", "--data-dir", str(data_dir), "--out", str(out),
                      "--epochs", "3", "--lr", "1000", "--widths", *map(str, TINY),
@@ -455,7 +454,7 @@ def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_pat
 
 
 # --------------------------------------------------------------------------- bad options
-BAD_OPTIONS = [  # (options, words the one-line error must hold); cases 3 and 4 first
+BAD_OPTIONS = [  # (options, words the one-line error must hold)
     (["--val-fraction", "-0.2"], "--val-fraction: expected a number in (0, 1)"),
     (["--val-fraction", "1"], "--val-fraction: expected a number in (0, 1)"),
     (["--train-subset", "-10"], "--train-subset: expected an integer >= 1"),
