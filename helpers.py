@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules",
     "check_recipe", "make_optimizer", "make_scheduler", "train_one_epoch",
-    "predict_logits", "evaluate", "fit", "CheckpointError", "save_checkpoint",
+    "fold_batchnorm", "predict_logits", "evaluate", "fit", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "UsageError", "run_training",
     "predict", "misclassified_indices", "confusion_matrix", "classification_report_df",
     "per_class_accuracy", "grad_cam",
@@ -472,9 +473,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _default_workers(device: torch.device) -> int:
-    """Loader workers when none are given: up to 8 on CUDA, one on the CPU (if cores allow)."""
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
+    """Loader workers when none are given: up to 8 on CUDA, none on the CPU.
+
+    On the CPU the training threads already use every core: a worker process only competes
+    with them (end-to-end 77-85% of the model alone on 2 cores, against 86-95% with the
+    augmentation done in the main process between steps).
+    """
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int = 128,
@@ -487,7 +492,7 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int 
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if num_workers is None:  # CPU: one worker overlaps augmentation with compute
+    if num_workers is None:
         num_workers = _default_workers(device)
     if seed is None:
         seed = int(torch.randint(2 ** 31, ()).item())
@@ -497,10 +502,10 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int 
                        worker_init_fn=_seed_worker,
                        generator=torch.Generator().manual_seed(_derive_seed(seed, -1)),
                        prefetch_factor=4 if num_workers > 0 else None)
-    # Large test batches feed a GPU; on a CPU 256 images keep the activations in cache
-    # (batches of 1000 scored about 1.6x slower on a 2-core CPU).
+    # Large test batches feed a GPU; on a CPU 128 images keep the activations in cache
+    # (on a 2-core CPU batches of 256 scored about 1.4x slower, of 1000 about 2x).
     test = TensorBatches(test_ds.images, test_ds.labels,
-                         256 if device.type == "cpu" else 1000, device)
+                         128 if device.type == "cpu" else 1000, device)
     return train, test
 
 
@@ -956,12 +961,35 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     return total_loss.item() / seen, correct.item() / seen
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An evaluation copy of ``model`` with each BatchNorm folded into the conv just before it.
+
+    In eval mode BatchNorm is a fixed per-channel scale and shift, so the conv can absorb it:
+    the copy computes the same function (to rounding) without the BatchNorm layers.
+    """
+    folded = copy.deepcopy(model).eval()
+    for seq in list(folded.modules()):
+        if isinstance(seq, nn.Sequential):
+            names = list(seq._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = seq._modules[a], seq._modules[b]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return folded
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable, device: torch.device,
                    channels_last: bool = True, tta: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float logits and labels over uint8 NHWC batches (tta: average with the mirror image)."""
+    """Float logits and labels over uint8 NHWC batches (tta: average with the mirror image).
+
+    ``model`` is put in eval mode and scored through ``fold_batchnorm``'s copy (faster).
+    """
     model.eval()
+    model = fold_batchnorm(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     logits, labels = [], []
     for x, y in batches:
         x = to_input(x, device, channels_last)
@@ -1540,7 +1568,8 @@ def _consume(batches: Iterable) -> None:
 def _timed(run: Callable[[Iterable], Any], batches: Iterator, seconds: float,
            warmup: int) -> tuple[int, float]:
     """(images, seconds) of ``run`` fed from ``batches``: ``warmup`` untimed, then ``seconds``."""
-    run(itertools.islice(batches, max(1, warmup)))
+    if warmup:
+        run(itertools.islice(batches, warmup))
     seen, start = [0], time.perf_counter()
 
     def timed() -> Iterator:
@@ -1565,6 +1594,9 @@ def _timed_eval(model: nn.Module, test: TensorBatches, device: torch.device,
     return passes * len(test.images), time.perf_counter() - start
 
 
+BENCH_ROUNDS = 4  # alternations of model-only and end-to-end timing in ``bench``
+
+
 def _random_batches(n: int, batch_size: int, shape: Sequence[int], num_classes: int,
                     device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of random uint8 NHWC images and labels, already on ``device``."""
@@ -1581,7 +1613,8 @@ def bench(data: CifarData | Sequence[np.ndarray], recipe: Recipe | str = "standa
 
     ``data`` is a CifarData or (x_train, y_train, x_test, y_test). The recipe's model and
     augmentation run as in ``fit``; each figure is timed for ``seconds`` after a warm-up
-    (model only in two halves, before and after end-to-end, so the two see the same load).
+    (model only and end-to-end alternate in ``BENCH_ROUNDS`` rounds, so that a machine whose
+    speed drifts, such as a shared virtual machine, slows both alike).
     """
     name = recipe if isinstance(recipe, str) else "custom"
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
@@ -1604,11 +1637,13 @@ def bench(data: CifarData | Sequence[np.ndarray], recipe: Recipe | str = "standa
     fake = _cycle(_random_batches(4, recipe.batch_size, arrays[0].shape[1:], n_cls, device))
     real, warm = _cycle(loader), 2 + loader.num_workers * (loader.prefetch_factor or 0)
     t = dict(loader=_timed(_consume, real, seconds, warm))
-    # model only in two halves around end-to-end: a load that drifts touches both alike
-    first = _timed(train, fake, seconds / 2, 3)
-    t["end_to_end"] = _timed(train, real, seconds, warm)
-    second = _timed(train, fake, seconds / 2, 1)
-    t["model"] = (first[0] + second[0], first[1] + second[1])
+    train(itertools.islice(fake, 3))  # warm-up
+    rounds: dict[str, list[tuple[int, float]]] = {"model": [], "end_to_end": []}
+    for _ in range(BENCH_ROUNDS):
+        rounds["model"].append(_timed(train, fake, seconds / BENCH_ROUNDS, 0))
+        # ``warm`` untimed steps first: the batches the workers queued meanwhile
+        rounds["end_to_end"].append(_timed(train, real, seconds / BENCH_ROUNDS, warm))
+    t.update({k: (sum(n for n, _ in v), sum(sec for _, sec in v)) for k, v in rounds.items()})
     t["eval"] = _timed_eval(model, test, device, channels_last, seconds)
     real.close()  # lets the persistent workers go
     return _bench_result(t, dict(
@@ -1747,7 +1782,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
                    help="the recipe whose model and batch size are timed (default standard)")
     b.add_argument("--workers", type=_checked(int, "workers"), metavar="N",
-                   help="data-loader worker processes (default: 1 on a CPU, up to 8 on a GPU)")
+                   help="data-loader worker processes (default: 0 on a CPU, up to 8 on a GPU)")
     b.add_argument("--batch-size", type=_checked(int, "batch_size"), metavar="N",
                    help="override the recipe's batch size (an integer >= 1)")
     b.add_argument("--seconds", type=_checked(float, "seconds"), default=8.0, metavar="S",

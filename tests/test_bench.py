@@ -88,6 +88,23 @@ def test_bench_function_reports_consistent_figures(arrays, cpu):
     _check_table(r, helpers.bench_table(r))
 
 
+def test_bench_alternates_model_only_and_end_to_end(arrays, cpu, monkeypatch):
+    """A machine whose speed drifts must slow both figures alike: they are timed in turns."""
+    sources, timed = [], helpers._timed
+
+    def spy(run, batches, seconds, warmup):
+        sources.append(batches)  # the loader's stream, or the random batches
+        return timed(run, batches, seconds, warmup)
+
+    monkeypatch.setattr(helpers, "_timed", spy)
+    r = helpers.bench(arrays, helpers.Recipe(widths=TINY), cpu, workers=0, batch_size=8,
+                      seconds=0.04)
+    _check_consistent(r)
+    real = sources[0]  # the loader alone is timed first
+    turns = ["end_to_end" if s is real else "model" for s in sources[1:]]
+    assert turns == ["model", "end_to_end"] * helpers.BENCH_ROUNDS
+
+
 def test_bench_refuses_unknown_recipe(arrays, cpu):
     with pytest.raises(KeyError):
         helpers.bench(arrays, "no-such-recipe", cpu, workers=0, seconds=0.01)

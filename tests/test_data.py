@@ -287,12 +287,11 @@ def test_train_loader_drops_partial_batch():
     assert sum(len(b[1]) for b in test) == 20
 
 
-def test_default_num_workers_on_cpu_is_sensible():
+def test_default_num_workers_on_cpu_is_none():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
     train, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu")
-    cpus = os.cpu_count() or 1
-    assert 0 <= train.num_workers <= cpus
-    assert train.num_workers < max(cpus, 2)  # leaves a core for the main process
+    # the training threads use every core: augmentation runs in the main process
+    assert train.num_workers == 0
     assert train.pin_memory is False
     assert isinstance(test, helpers.TensorBatches) and test.images.dtype == torch.uint8
 
@@ -385,4 +384,4 @@ def test_download_from_a_stalled_server_times_out(tmp_path, monkeypatch):
 def test_test_batches_are_cache_sized_on_cpu():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
     _, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu", num_workers=0)
-    assert 128 <= test.batch_size <= 512  # batches of 1000 scored about 1.6x slower on a CPU
+    assert 64 <= test.batch_size <= 256  # 256 scored about 1.4x slower than 128 on 2 cores

@@ -195,6 +195,55 @@ def test_evaluate_leaves_model_in_eval_and_does_not_train(cpu):
         assert torch.equal(before[k], v), k
 
 
+def _with_random_bn_statistics(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+def test_fold_batchnorm_computes_the_same_function_without_batchnorm():
+    model = _with_random_bn_statistics(helpers.Net(TINY, (1, 1, 1, 1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = helpers.fold_batchnorm(model)
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref, out = model(x.float()), folded(x.float())
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == len(convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # original kept
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_fold_batchnorm_leaves_batchnorm_that_follows_no_conv():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    model = _with_random_bn_statistics(model)
+    folded = helpers.fold_batchnorm(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert [type(m) for m in folded] == [nn.BatchNorm2d, nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+
+
+def test_evaluate_scores_a_trained_net_as_the_unfolded_net_does(cpu):
+    model = _with_random_bn_statistics(helpers.Net(TINY))
+    x = torch.randint(0, 256, (30, 32, 32, 3), dtype=torch.uint8)
+    y = torch.randint(0, 10, (30,))
+    with torch.no_grad():
+        logits = model(x.permute(0, 3, 1, 2).float())
+    loss, acc = helpers.evaluate(model, helpers.TensorBatches(x, y, batch_size=7), cpu)
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+
 # --------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
