@@ -59,3 +59,16 @@ def test_requirements_floors_match_the_code():
     version = lambda v: tuple(int(p) for p in v.split("."))  # noqa: E731
     assert version(reqs["torch"]) >= (2, 3)  # torch.amp.GradScaler("cuda")
     assert version(reqs["albumentations"]) >= (2, 0)  # fill=, *_range, Compose(seed=)
+
+
+def test_readme_results_table_matches_the_recipes():
+    import helpers
+    section = README.split("## Results")[1].split("\n## ")[0]
+    rows = {m[0]: m[1:] for m in re.findall(
+        r"^\| `(\w+)`[^|]*\| ([\d,]+) \| ([\d.]+) M \| (\d+) \|", section, flags=re.M)}
+    assert set(rows) == set(helpers.RECIPES)
+    for name, (params, macs, epochs) in rows.items():
+        model = helpers.build_model(helpers.RECIPES[name])
+        assert int(params.replace(",", "")) == helpers.count_parameters(model), name
+        assert float(macs) == round(helpers.count_macs(model) / 1e6, 1), name
+        assert int(epochs) == helpers.RECIPES[name].epochs, name
