@@ -823,7 +823,7 @@ def build_model(recipe: Recipe, num_classes: int = 10, mean: Sequence[float] = C
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(),
     "fast": Recipe(epochs=10, widths=(16, 40, 96, 192), depths=(0, 1, 1, 1)),
-    "small": Recipe(epochs=40, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1)),
+    "small": Recipe(epochs=60, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1)),
 }
 
 
