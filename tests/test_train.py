@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -351,7 +352,7 @@ def test_get_device_cpu(monkeypatch, capsys):
 
 
 def test_recipes_are_sane():
-    assert set(helpers.RECIPES) == {"standard", "fast", "small"}
+    assert set(helpers.RECIPES) == {"standard", "accurate", "fast", "small"}
     for name, r in helpers.RECIPES.items():
         assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
         model = helpers.build_model(r)
@@ -360,6 +361,8 @@ def test_recipes_are_sane():
         assert min(r.p_flip, r.p_affine, r.p_dropout) >= 0.25, name  # each on a quarter or more
     assert helpers.count_parameters(helpers.build_model(helpers.RECIPES["small"])) <= 50_000
     assert helpers.RECIPES["fast"].epochs <= 10
+    # "accurate" is the default's net and settings, trained for 50 epochs instead of 15
+    assert helpers.RECIPES["accurate"] == replace(helpers.RECIPES["standard"], epochs=50)
     assert helpers.Recipe() == helpers.RECIPES["standard"]  # the defaults are the notebook's
 
 
