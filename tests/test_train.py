@@ -361,6 +361,8 @@ def test_recipes_are_sane():
         assert min(r.p_flip, r.p_affine, r.p_dropout) >= 0.25, name  # each on a quarter or more
     assert helpers.count_parameters(helpers.build_model(helpers.RECIPES["small"])) <= 50_000
     assert helpers.RECIPES["fast"].epochs <= 10
+    # the default's budget: Run All of the notebook stays about an hour on a 2-core CPU
+    assert helpers.RECIPES["standard"].epochs <= 15
     # "accurate" is the default's net and settings, trained for 50 epochs instead of 15
     assert helpers.RECIPES["accurate"] == replace(helpers.RECIPES["standard"], epochs=50)
     assert helpers.Recipe() == helpers.RECIPES["standard"]  # the defaults are the notebook's
