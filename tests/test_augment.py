@@ -1,6 +1,9 @@
-"""The albumentations pipelines: shapes, exact normalisation, dropout hole, flip rate."""
+"""Augmentation and the input path: the exercise's albumentations pipeline (its defaults,
+what each transform does and how often, the record of what fired), EpochAugment's per-epoch
+streams, the mapping from the exercise's 1.x names, to_input and InputNorm."""
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -27,6 +30,7 @@ def test_pipelines_build_and_run_without_warnings():
         aug = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)
         aug(image=img)
         helpers.EpochAugment(aug, seed=0)(image=img)
+        helpers.exercise_augmentations(MEAN, seed=0, record=True)(image=img)
 
 
 def test_input_norm_is_exact_normalisation():
@@ -39,13 +43,29 @@ def test_input_norm_is_exact_normalisation():
     torch.testing.assert_close(helpers.InputNorm(MEAN, STD)(x.float()), out)
 
 
-def test_to_input_gives_channels_last_floats():
+def test_to_input_gives_channels_last_floats_on_the_cpu():
     batch = torch.from_numpy(np.stack([_image(2), _image(3)]))  # uint8 NHWC
     x = helpers.to_input(batch, torch.device("cpu"))
     assert x.dtype == torch.float32 and tuple(x.shape) == (2, 3, 32, 32)
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, batch.permute(0, 3, 1, 2).float())
-    assert helpers.to_input(batch, torch.device("cpu"), channels_last=False).is_contiguous()
+    assert "channels_last" not in inspect.signature(helpers.to_input).parameters
+
+
+def test_to_input_is_plain_contiguous_elsewhere():
+    """Devices other than CPU and CUDA (MPS; here the shape-only meta device) get NCHW."""
+    batch = torch.from_numpy(np.stack([_image(2), _image(3)]))
+    x = helpers.to_input(batch, torch.device("meta"))
+    assert x.device.type == "meta" and x.dtype == torch.float32
+    assert tuple(x.shape) == (2, 3, 32, 32) and x.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_input_gives_channels_last_floats_on_cuda():
+    batch = torch.from_numpy(np.stack([_image(2), _image(3)]))
+    x = helpers.to_input(batch, torch.device("cuda"))
+    assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x.cpu(), batch.permute(0, 3, 1, 2).float())
 
 
 def test_epoch_augment_draws_depend_on_seed_and_epoch_only():
@@ -67,6 +87,70 @@ def test_epoch_augment_draws_depend_on_seed_and_epoch_only():
         np.testing.assert_array_equal(u, v)
     assert any(not np.array_equal(u, v) for u, v in zip(draws(b, 1), first))
     assert any(not np.array_equal(u, v) for u, v in zip(draws(make(4), 0), first))
+
+
+def test_epoch_augment_needs_a_seed():
+    with pytest.raises(TypeError, match="seed"):
+        helpers.EpochAugment(helpers.exercise_augmentations(MEAN))
+
+
+# --------------------------------------------------------------------------- defaults and record
+def test_default_probabilities_are_the_recipes():
+    params = inspect.signature(helpers.exercise_augmentations).parameters
+    recipe = helpers.Recipe()
+    for name in ("p_flip", "p_affine", "p_dropout"):
+        assert params[name].default == getattr(recipe, name)
+    assert (recipe.p_flip, recipe.p_affine, recipe.p_dropout) == (0.5, 0.25, 0.25)
+    assert params["record"].default is False and params["seed"].default is None
+    built = [t.p for t in helpers.exercise_augmentations(MEAN).transforms]
+    assert built == [recipe.p_flip, recipe.p_affine, recipe.p_dropout]
+
+
+@pytest.mark.parametrize("fired", ["HorizontalFlip", "Affine", "CoarseDropout"])
+def test_record_names_exactly_the_transform_that_fired(fired):
+    p = {name: float(name == fired) for name in ("HorizontalFlip", "Affine", "CoarseDropout")}
+    aug = helpers.exercise_augmentations(MEAN, p["HorizontalFlip"], p["Affine"],
+                                         p["CoarseDropout"], seed=0, record=True)
+    img = _image(8)
+    for _ in range(5):
+        out = aug(image=img)
+        assert [name for name, _ in out["applied_transforms"]] == [fired]
+        assert not np.array_equal(out["image"], img)
+
+
+def test_record_names_all_three_in_order_and_none():
+    img = _image(8)
+    every = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0, record=True)
+    assert [n for n, _ in every(image=img)["applied_transforms"]] == [
+        "HorizontalFlip", "Affine", "CoarseDropout"]
+    none = helpers.exercise_augmentations(MEAN, 0.0, 0.0, 0.0, seed=0, record=True)(image=img)
+    assert none["applied_transforms"] == []
+    np.testing.assert_array_equal(none["image"], img)
+    plain = helpers.exercise_augmentations(MEAN, 1.0, 1.0, 1.0, seed=0)(image=img)
+    assert set(plain) == {"image"}  # nothing recorded unless asked
+
+
+def test_record_agrees_with_the_image_and_default_rates():
+    """With the default probabilities each transform fires at its rate, and the record says
+    what happened: nothing recorded leaves the image as it was, a lone flip mirrors it."""
+    img = _image(10)
+    aug = helpers.exercise_augmentations(MEAN, seed=0, record=True)
+    n, counts = 1200, dict(HorizontalFlip=0, Affine=0, CoarseDropout=0)
+    for _ in range(n):
+        out = aug(image=img)
+        names = [name for name, _ in out["applied_transforms"]]
+        for name in names:
+            counts[name] += 1
+        if not names:
+            np.testing.assert_array_equal(out["image"], img)
+        elif names == ["HorizontalFlip"]:
+            np.testing.assert_array_equal(out["image"], img[:, ::-1])
+        else:
+            assert not np.array_equal(out["image"], img)
+    recipe = helpers.Recipe()
+    for name, p in (("HorizontalFlip", recipe.p_flip), ("Affine", recipe.p_affine),
+                    ("CoarseDropout", recipe.p_dropout)):
+        assert abs(counts[name] - n * p) < 4 * math.sqrt(n * p * (1 - p)), (name, counts)
 
 
 def test_exercise_augmentations_keep_shape_and_dtype():

@@ -1,7 +1,10 @@
-"""load_cifar10 in every layout, its errors, statistics, subsets and the loaders."""
+"""Reading CIFAR-10: load_cifar10 in every layout, the data it refuses rather than silently
+change the task (from Python and from the command line), statistics, subsets, the dataset and
+the loaders."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +13,14 @@ import torch
 from PIL import Image
 
 import helpers
-from conftest import CLASSES, write_batches
+from conftest import (CLASSES, TINY_RUN, cli, make_arrays, one_line, snapshot, write_batches,
+                      write_image_folder)
 
 ACCEPTED = ("cifar-10-batches-py", "train/<class>")
 
 
-def _snapshot(root: Path) -> dict:
-    """Every path under root with its size and mtime."""
+def _stat(root: Path) -> dict:
+    """Every path under root (folders too) with its size and modification time."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
 
@@ -48,7 +52,6 @@ def test_batches_folder_as_root(batches_root, arrays):
 
 def test_batches_chw_order_against_raw_bytes(batches_root):
     """The first 1024 bytes of a row are the red plane, row-major (official format)."""
-    import pickle
     with open(batches_root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"][0]
     img = helpers.load_cifar10(batches_root).x_train[0]
@@ -83,7 +86,6 @@ def test_jpeg_folder_shapes_and_labels(jpeg_root, arrays):
 
 def test_jpeg_smooth_image_close(tmp_path):
     """A smooth gradient survives JPEG within a few grey levels."""
-    from conftest import write_image_folder
     g = np.linspace(0, 255, 32).astype(np.uint8)
     img = np.stack([np.tile(g, (32, 1)), np.tile(g[:, None], (1, 32)),
                     np.full((32, 32), 90, np.uint8)], axis=-1)
@@ -104,7 +106,6 @@ def test_uppercase_and_jpeg_extensions_accepted(tmp_path, arrays):
     Image.fromarray(x_tr[1]).save(root / "train" / "automobile" / "b.jpeg", quality=95)
     Image.fromarray(x_te[0]).save(root / "test" / "airplane" / "c.png")
     Image.fromarray(x_te[1]).save(root / "test" / "automobile" / "d.png")
-    (root / "train" / "airplane" / "notes.txt").write_text("ignored")
     data = helpers.load_cifar10(root)
     assert data.classes == ("airplane", "automobile")
     np.testing.assert_array_equal(data.y_train, [0, 1])
@@ -157,9 +158,9 @@ def test_grayscale_image_converted_to_rgb(png_root):
 
 def test_loading_never_modifies_the_folder(batches_root, png_root):
     for root in (batches_root, png_root):
-        before = _snapshot(root)
+        before, stat = snapshot(root), _stat(root)
         helpers.load_cifar10(root)
-        assert _snapshot(root) == before
+        assert snapshot(root) == before and _stat(root) == stat
 
 
 def test_download_failure_is_runtime_error(tmp_path, monkeypatch):
@@ -268,8 +269,7 @@ def test_loaders_shuffle_train_not_test():
     x = np.zeros((n, 32, 32, 3), np.uint8)
     y = np.arange(n)
     ds = helpers.CifarDataset(x, y)
-    torch.manual_seed(0)
-    train, test = helpers.make_loaders(ds, ds, batch_size=8, num_workers=0)
+    train, test = helpers.make_loaders(ds, ds, 8, "cpu", seed=0, num_workers=0)
     seen = torch.cat([lab for _, lab in train]).numpy()
     assert len(seen) == n and sorted(seen.tolist()) == list(range(n))
     assert not np.array_equal(seen, y)
@@ -280,20 +280,42 @@ def test_loaders_shuffle_train_not_test():
     assert test.batch_size >= 8
 
 
+def test_training_order_depends_on_the_seed_only():
+    """The global generators do not matter: the same seed gives the same epochs."""
+    ds = helpers.CifarDataset(np.zeros((24, 32, 32, 3), np.uint8), np.arange(24))
+
+    def two_epochs(seed: int, torch_seed: int) -> list[list[int]]:
+        torch.manual_seed(torch_seed)
+        np.random.seed(torch_seed)
+        train, _ = helpers.make_loaders(ds, ds, 8, "cpu", seed=seed, num_workers=0)
+        return [torch.cat([lab for _, lab in train]).tolist() for _ in range(2)]
+
+    first = two_epochs(5, torch_seed=0)
+    assert two_epochs(5, torch_seed=123) == first
+    assert first[0] != first[1]  # each epoch its own order
+    assert two_epochs(6, torch_seed=0)[0] != first[0]
+
+
 def test_train_loader_drops_partial_batch():
     ds = helpers.CifarDataset(np.zeros((20, 32, 32, 3), np.uint8), np.arange(20))
-    train, test = helpers.make_loaders(ds, ds, batch_size=8, num_workers=0)
+    train, test = helpers.make_loaders(ds, ds, 8, "cpu", seed=0, num_workers=0)
     assert [len(b[1]) for b in train] == [8, 8]
     assert sum(len(b[1]) for b in test) == 20
 
 
 def test_default_num_workers_on_cpu_is_none():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
-    train, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu")
+    train, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu", seed=0)
     # the training threads use every core: augmentation runs in the main process
     assert train.num_workers == 0
     assert train.pin_memory is False
     assert isinstance(test, helpers.TensorBatches) and test.images.dtype == torch.uint8
+
+
+def test_make_loaders_needs_a_seed():
+    ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    with pytest.raises(TypeError, match="seed"):
+        helpers.make_loaders(ds, ds, 2, "cpu")
 
 
 # --------------------------------------------------------------------------- hostile folders
@@ -306,6 +328,10 @@ def test_hidden_folders_and_files_are_skipped(png_root, arrays):
         Image.fromarray(x_tr[0]).save(hidden / "0000.png")
         (png_root / split / "cat" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
         (png_root / split / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        # hidden names inside a class folder are skipped too, whatever they hold
+        (png_root / split / "dog" / ".ipynb_checkpoints").mkdir()
+        Image.fromarray(x_tr[0]).save(png_root / split / "dog" / ".ipynb_checkpoints" / "0.png")
+        (png_root / split / "dog" / ".notes.txt").write_text("not an image")
     _check_exact(helpers.load_cifar10(png_root), arrays)
 
 
@@ -336,7 +362,6 @@ def test_broken_batch_file_is_named(batches_root, damage):
 
 
 def test_batch_file_with_code_is_refused_and_never_run(batches_root, tmp_path):
-    import pickle
 
     marker = tmp_path / "ran"
 
@@ -352,7 +377,6 @@ def test_batch_file_with_code_is_refused_and_never_run(batches_root, tmp_path):
 
 
 def test_batch_file_with_mismatched_labels_is_named(batches_root):
-    import pickle
     path = batches_root / "cifar-10-batches-py" / "data_batch_2"
     d = pickle.loads(path.read_bytes())
     d[b"labels"] = d[b"labels"][:-1]
@@ -383,5 +407,133 @@ def test_download_from_a_stalled_server_times_out(tmp_path, monkeypatch):
 
 def test_test_batches_are_cache_sized_on_cpu():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
-    _, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu", num_workers=0)
+    _, test = helpers.make_loaders(ds, ds, batch_size=2, device="cpu", seed=0, num_workers=0)
     assert 64 <= test.batch_size <= 256  # 256 scored about 1.4x slower than 128 on 2 cores
+
+
+# --------------------------------------------------------------------------- task-changing data
+# Each damage below once loaded without a word and trained on another task (a class lost, an
+# extra class, images dropped). Each returns what the one-line error must name.
+def _empty_class(root: Path, split: str = "train") -> list[str]:
+    for f in (root / split / "cat").iterdir():
+        f.unlink()
+    return [f"the {split} split", "'cat'"]
+
+
+def _extra_empty_class(root: Path) -> list[str]:
+    for split in ("train", "test"):
+        (root / split / "zebra").mkdir()
+    return ["'zebra'"]
+
+
+def _sub_folder(root: Path) -> list[str]:
+    inner = root / "train" / "cat" / "more"
+    inner.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(inner / "0000.png")
+    return [str(inner)]
+
+
+def _symlink_loop(root: Path) -> list[str]:
+    for split in ("train", "test"):
+        os.symlink(root / split, root / split / "loop")
+    return [str(root / "train" / "loop")]
+
+
+def _other_extension(root: Path, ext: str = ".webp") -> list[str]:
+    path = root / "test" / "dog" / f"extra{ext}"
+    if ext == ".txt":
+        path.write_text("notes")
+    else:
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    return [str(path)]
+
+
+def _stray_file(root: Path, split: str = "train") -> list[str]:
+    path = root / split / "labels.csv"
+    path.write_text("file,label\n")
+    return [str(path)]
+
+
+def _refused(root: Path, must_name: list[str]) -> str:
+    """load_cifar10(root) raises a one-line ValueError naming ``must_name``; nothing changes."""
+    before = snapshot(root)
+    with pytest.raises(ValueError) as e:
+        helpers.load_cifar10(root)
+    assert type(e.value) is ValueError
+    msg = one_line(str(e.value))
+    for name in must_name:
+        assert name in msg
+    assert snapshot(root) == before
+    return msg
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_class_folder_empty_in_one_split_is_refused(png_root, split):
+    msg = _refused(png_root, _empty_class(png_root, split))
+    assert "every class needs images in both splits" in msg
+
+
+def test_extra_empty_class_folder_is_refused(png_root):
+    _refused(png_root, _extra_empty_class(png_root))
+
+
+def test_sub_folder_inside_a_class_folder_is_refused(png_root):
+    msg = _refused(png_root, _sub_folder(png_root))
+    assert "is a folder inside a class folder" in msg
+
+
+def test_class_folder_linked_back_to_its_split_is_refused(png_root):
+    """train/loop -> train looked like an 11th class holding the other classes' folders."""
+    _refused(png_root, _symlink_loop(png_root))
+
+
+@pytest.mark.parametrize("ext", [".webp", ".bmp", ".BMP", ".txt"])
+def test_file_of_another_kind_in_a_class_folder_is_refused(png_root, ext):
+    msg = _refused(png_root, _other_extension(png_root, ext))
+    assert "not a PNG or JPEG file" in msg
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_file_directly_in_a_split_folder_is_refused(png_root, split):
+    msg = _refused(png_root, _stray_file(png_root, split))
+    assert "only class folders belong" in msg
+
+
+def test_split_folders_without_class_folders_are_refused(tmp_path):
+    root = tmp_path / "nothing"
+    for split in ("train", "test"):
+        (root / split / ".ipynb_checkpoints").mkdir(parents=True)
+    _refused(root, [str(root)])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_batches_with_a_class_missing_from_a_split_are_refused(tmp_path, split):
+    x_tr, y_tr = make_arrays(3, seed=1)
+    x_te, y_te = make_arrays(2, seed=2)
+    if split == "train":
+        x_tr, y_tr = x_tr[y_tr != 9], y_tr[y_tr != 9]
+    else:
+        x_te, y_te = x_te[y_te != 9], y_te[y_te != 9]
+    write_batches(tmp_path / "cifar-10-batches-py", x_tr, y_tr, x_te, y_te)
+    msg = _refused(tmp_path, [f"the {split} split", "'truck'"])
+    assert "cifar-10-batches-py" in msg
+
+
+@pytest.mark.parametrize("damage", [_empty_class, _extra_empty_class, _sub_folder, _symlink_loop,
+                                    _other_extension, _stray_file],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_command_line_refuses_such_data_before_training(png_root, tmp_path, capsys, damage):
+    must_name = damage(png_root)
+    before = snapshot(png_root)
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "train", "--data-dir", png_root, "--out", out,
+                            "--epochs", "1", *TINY_RUN)
+    line = one_line(err)
+    assert code == 2 and line.startswith("helpers.py train: error: ")
+    for name in must_name:
+        assert name in line
+    # no training started: neither the run's settings nor an epoch row were printed
+    assert "train_images" not in stdout
+    assert not any(row.startswith("epoch ") for row in stdout.splitlines())
+    assert not out.exists()  # and no run folder is left behind
+    assert snapshot(png_root) == before

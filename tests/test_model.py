@@ -1,5 +1,8 @@
-"""The network, its parameter/MAC counts, the rule checklist and the receptive field."""
+"""The network (its layers, defaults from Recipe, build_model), its parameter and MAC
+counts, the exercise's rule checklist and the receptive field, table against gradient."""
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -59,8 +62,43 @@ def test_depths_add_residual_blocks():
 
     assert blocks(helpers.Net(SMALL, depths=(0, 1, 1, 1))) == 3
     assert blocks(helpers.Net(SMALL, depths=(2, 1, 2, 3))) == 8
-    with pytest.raises(ValueError, match="C2"):
-        helpers.Net(SMALL, depths=(1, 0, 1, 1))
+    assert blocks(helpers.Net(SMALL, depths=(1, 0, 1, 1))) == 3
+
+
+def test_net_without_c2_blocks_has_no_dilated_conv_and_fails_that_rule():
+    """Net builds D2 = 0 (C2 is then its downsampler alone); check_rules says what is lost."""
+    model = helpers.Net(SMALL, depths=(1, 0, 1, 1)).eval()
+    assert len(model.c2) == 1
+    assert not any(max(m.dilation) > 1 for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert _failing(model) == {"dilated conv"}
+    df = helpers.check_rules(model).set_index("rule")
+    assert df.loc["dilated conv", "measured"] == "0"
+    # RF by hand: stem 3, C1 block 7, C2 downsample 9 (jump 2), C3 downsample 13 (jump 4),
+    # block 29, C4 downsample 37 (jump 8), block 69: still > 44 without the dilation
+    assert _final_rf(model) == helpers.empirical_receptive_field(model) == 69
+    assert df.loc["receptive field", "measured"] == "69"
+
+
+def test_recipe_refuses_the_d2_that_net_allows():
+    with pytest.raises(ValueError) as e:
+        helpers.Recipe(depths=(1, 0, 1, 1))
+    assert str(e.value) == ("Recipe.depths: expected four integers >= 0 with D2 >= 1, "
+                            "got (1, 0, 1, 1)")
+
+
+def test_net_defaults_are_the_recipes():
+    params = inspect.signature(helpers.Net).parameters
+    recipe = helpers.Recipe()
+    assert params["widths"].default == recipe.widths == (32, 64, 96, 128)
+    assert params["depths"].default == recipe.depths == (1, 1, 1, 1)
+    assert params["act"].default == recipe.act == "gelu"
+    default, built = helpers.Net(), helpers.build_model(recipe)
+    assert {k: v.shape for k, v in default.state_dict().items()} == \
+        {k: v.shape for k, v in built.state_dict().items()}
+    assert any(isinstance(m, nn.GELU) for m in default.modules())
+    for part in (helpers.ConvBNAct, helpers.DepthwiseSeparable):
+        assert inspect.signature(part).parameters["act"].default == recipe.act
 
 
 def test_default_parameter_count():
@@ -325,3 +363,14 @@ def test_build_model_follows_the_recipe():
     assert helpers.count_parameters(model) == helpers.count_parameters(ref)
     assert any(isinstance(m, nn.ReLU) for m in model.modules())
     torch.testing.assert_close(model.norm.shift.flatten(), torch.full((3,), -2.5))
+
+
+def test_build_model_takes_a_recipe_made_from_lists():
+    """A recipe read back from JSON holds lists: they become tuples and build the same net."""
+    r = helpers.Recipe(widths=list(SMALL), depths=[1, 1, 2, 1])
+    assert r.widths == SMALL and r.depths == (1, 1, 2, 1)
+    assert r == helpers.Recipe(widths=SMALL, depths=(1, 1, 2, 1))
+    model = helpers.build_model(r)
+    assert helpers.count_parameters(model) == helpers.count_parameters(
+        helpers.Net(SMALL, (1, 1, 2, 1)))
+

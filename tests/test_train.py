@@ -1,14 +1,12 @@
-"""Training loop, OneCycle schedule, NaN stop, evaluation, checkpoints, seeds, device."""
+"""The recipe, the training step and loop, evaluation, checkpoints and weights, seeds, device,
+and the train and evaluate commands on tiny data."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
-import sys
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
@@ -18,18 +16,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import helpers
+from conftest import TINY, cli, env, helpers_cmd, one_line, tiny_loaders
 
-TINY = (8, 16, 16, 16)
-KEYS = {"epoch", "lr", "train_loss", "train_acc", "eval_split", "eval_loss", "eval_acc",
+KEYS = {"epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "train_seconds",
         "seconds", "images_per_s"}
-
-
-def _loaders(x, y, batch_size=16, test=None):
-    mean, _ = helpers.compute_mean_std(x)
-    train_ds = helpers.CifarDataset(x, y, helpers.exercise_augmentations(mean, seed=0))
-    tx, ty = test if test is not None else (x, y)
-    return helpers.make_loaders(train_ds, helpers.CifarDataset(tx, ty), batch_size=batch_size,
-                                num_workers=0)
 
 
 def _brightest_channel(n_per_class: int, seed: int):
@@ -46,77 +36,161 @@ def _brightest_channel(n_per_class: int, seed: int):
 @pytest.fixture
 def random_data():
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, 64)
-    return x, y
+    return rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64)
 
 
-# --------------------------------------------------------------------------- fit
-def test_fit_history_rows(random_data, cpu):
-    helpers.set_seed(0)
-    train, test = _loaders(*random_data)
+def _tiny(epochs=2, **kw):
+    return helpers.Recipe(epochs=epochs, batch_size=16, widths=TINY, **kw)
+
+
+# --------------------------------------------------------------------------- the recipe
+def test_every_recipe_field_declares_help_range_and_an_option():
+    parser_help = subprocess.run(helpers_cmd("train", "--help"), env=env(), capture_output=True,
+                                 text=True, timeout=120).stdout
+    for f in fields(helpers.Recipe):
+        assert f.metadata["help"] and f.metadata["words"], f.name
+        assert f"--{f.name.replace('_', '-')}" in parser_help, f.name
+    assert "--widths C1 C2 C3 C4" in parser_help and "--depths D1 D2 D3 D4" in parser_help
+
+
+@pytest.mark.parametrize("field, value", [
+    ("act", "tanh"), ("p_dropout", 1.5), ("p_flip", -0.1), ("epochs", 0), ("epochs", 2.0),
+    ("epochs", True), ("widths", (8, 16, 16)), ("widths", (0, 16, 16, 16)),
+    ("depths", (1, 0, 1, 1)), ("depths", (-1, 1, 1, 1)), ("lr", float("nan")),
+    ("lr", float("inf")), ("lr", 0), ("weight_decay", -1e-4), ("label_smoothing", 1.0),
+    ("pct_start", 0.0), ("batch_size", 0)])
+def test_a_recipe_cannot_be_built_with_a_bad_value(field, value):
+    with pytest.raises(ValueError, match=rf"^Recipe\.{field}: expected .*, got"):
+        helpers.Recipe(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        replace(helpers.RECIPES["small"], **{field: value})
+
+
+def test_a_recipe_is_frozen_and_takes_lists_from_json():
+    r = helpers.Recipe(**json.loads(json.dumps({"widths": [8, 16, 16, 16]})))
+    assert r.widths == TINY and hash(r)
+    with pytest.raises(AttributeError):
+        r.lr = -1
+
+
+def test_defaults_come_from_the_recipe():
+    default = helpers.Recipe()
+    net = helpers.Net()
+    assert [net.c1[0][0].out_channels, net.c2[0][0].out_channels, net.c3[0][1].out_channels,
+            net.c4[0][1].out_channels] == list(default.widths)
+    assert isinstance(net.c1[0][2], helpers.ACTIVATIONS[default.act])
+    aug = helpers.exercise_augmentations((0.5,) * 3)
+    assert [t.p for t in aug.transforms] == [default.p_flip, default.p_affine, default.p_dropout]
+
+
+def test_recipes_obey_the_rules_and_their_budgets():
+    assert set(helpers.RECIPES) == {"standard", "accurate", "fast", "small"}
+    for name, r in helpers.RECIPES.items():
+        model = helpers.build_model(r)
+        assert helpers.count_parameters(model) < 200_000, name
+        assert helpers.check_rules(model)["passed"].all(), name
+        assert min(r.p_flip, r.p_affine, r.p_dropout) >= 0.25, name  # each on a quarter or more
+    assert helpers.count_parameters(helpers.build_model(helpers.RECIPES["small"])) <= 50_000
+    assert helpers.RECIPES["fast"].epochs <= 10
+    assert helpers.RECIPES["standard"].epochs <= 15  # Run All stays about an hour on a CPU
+    assert helpers.RECIPES["accurate"] == replace(helpers.RECIPES["standard"], epochs=50)
+    assert helpers.Recipe() == helpers.RECIPES["standard"]  # the defaults are the notebook's
+
+
+# --------------------------------------------------------------------------- the step and loop
+def test_train_step_updates_once_and_counts_correct(random_data, cpu):
+    x, y = torch.as_tensor(random_data[0][:16]), torch.as_tensor(random_data[1][:16])
     model = helpers.Net(TINY)
-    recipe = helpers.Recipe(epochs=2, batch_size=16, widths=TINY)
-    logged = []
-    history = helpers.fit(model, train, test, recipe, cpu, progress=False, log=logged.append)
-    assert len(history) == 2 and logged == history
+    t = helpers.start_training(model, _tiny(), steps_per_epoch=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    loss, correct = helpers.train_step(t, x, y)
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and 0 <= correct.item() <= 16
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert t.scheduler.last_epoch == 1
+
+
+def test_train_step_stops_on_nan_loss_before_the_update(random_data, cpu):
+    x, y = torch.as_tensor(random_data[0][:16]), torch.as_tensor(random_data[1][:16])
+    model = helpers.Net(TINY)
+    t = helpers.start_training(model, _tiny(), steps_per_epoch=4)
+    t.criterion = lambda logits, labels: logits.sum() * float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="nan"):
+        helpers.train_step(t, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_train_one_epoch_returns_mean_loss_accuracy_and_images(cpu):
+    """A fixed linear model with lr 0: compare against a manual pass over the batches."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
+    y = torch.randint(0, 10, (20,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    t = helpers.start_training(model, _tiny(label_smoothing=0.0), 3)
+    t.optimizer.param_groups[0]["lr"] = t.optimizer.param_groups[1]["lr"] = 0.0
+    t.scheduler = None
+    with torch.no_grad():
+        logits = model(x.permute(0, 3, 1, 2).float())
+    loss, acc, seen = helpers.train_one_epoch(t, DataLoader(list(zip(x, y)), batch_size=8),
+                                              progress=False)
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert seen == 20  # the last, partial batch counted as it is
+
+
+def test_fit_history_rows_and_the_log(random_data, cpu):
+    helpers.set_seed(0)
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    recipe, logged = _tiny(), []
+    history = helpers.fit(helpers.Net(TINY), recipe, train, test, progress=False,
+                          log=lambda rows: logged.append([dict(r) for r in rows]))
+    assert [len(x) for x in logged] == [1, 2] and logged[-1] == history
     assert [h["epoch"] for h in history] == [1, 2]
     for row in history:
-        assert KEYS <= set(row)
+        assert set(row) == KEYS
         assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["eval_acc"] <= 1.0
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
-        assert row["eval_split"] == "test"
-        assert row["seconds"] > 0 and row["images_per_s"] > 0
-        assert 0 < row["lr"] <= recipe.lr
+        assert row["seconds"] >= row["train_seconds"] > 0 and 0 < row["lr"] <= recipe.lr
+        assert row["images_per_s"] == pytest.approx(64 / row["train_seconds"])
+
+
+def test_images_per_s_counts_images_not_batch_size(cpu):
+    """A batch larger than the data once counted 128 images for 10 (100x too high)."""
+    x, y = np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)
+    train, test = tiny_loaders(x, y, batch_size=128)
+    row = helpers.fit(helpers.Net(TINY), helpers.Recipe(epochs=1, widths=TINY), train, test,
+                      progress=False, log=lambda rows: None)[0]
+    assert row["images_per_s"] == pytest.approx(10 / row["train_seconds"])
 
 
 def test_fit_prints_rows_by_default(random_data, cpu, capsys):
-    train, test = _loaders(*random_data)
-    recipe = helpers.Recipe(epochs=1, batch_size=16, widths=TINY)
-    helpers.fit(helpers.Net(TINY), train, test, recipe, cpu, progress=False)
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    helpers.fit(helpers.Net(TINY), _tiny(epochs=1), train, test, progress=False)
     out = capsys.readouterr().out
-    assert "epoch   1/1" in out and "acc" in out
+    assert "epoch   1/1" in out and "test loss" in out and "img/s" in out
+    assert helpers.format_row(helpers.fit(helpers.Net(TINY), _tiny(epochs=1), train, test,
+                                          progress=False, log=print)[0], "val").count("val") == 1
 
 
 def test_fit_lr_follows_one_cycle(random_data, cpu):
-    train, test = _loaders(*random_data)
-    recipe = helpers.Recipe(epochs=4, batch_size=16, lr=0.1, widths=TINY)
-    history = helpers.fit(helpers.Net(TINY), train, test, recipe, cpu, progress=False,
-                          log=None)
-    lrs = [h["lr"] for h in history]
-    assert all(math.isfinite(v) and v > 0 for v in lrs)
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    recipe = _tiny(epochs=4, lr=0.1)
+    lrs = [h["lr"] for h in helpers.fit(helpers.Net(TINY), recipe, train, test,
+                                        progress=False, log=lambda rows: None)]
     assert lrs[0] < 0.5 * recipe.lr  # warm-up starts low
     peak = int(np.argmax(lrs))
-    assert 0 < peak < len(lrs) - 1  # rises, then falls
-    assert lrs[peak] == pytest.approx(recipe.lr, rel=0.05)
+    assert 0 < peak < len(lrs) - 1 and lrs[peak] == pytest.approx(recipe.lr, rel=0.05)
     assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
 def test_fit_learns_a_learnable_task(cpu):
     helpers.set_seed(0)
     x, y = _brightest_channel(32, seed=0)
-    xt, yt = _brightest_channel(10, seed=1)
-    train, test = _loaders(x, y, batch_size=16, test=(xt, yt))
-    model = helpers.Net(TINY, num_classes=3)
-    recipe = helpers.Recipe(epochs=4, batch_size=16, lr=0.1, widths=TINY)
-    history = helpers.fit(model, train, test, recipe, cpu, progress=False, log=None)
-    assert history[-1]["train_acc"] > 0.8  # chance is 1/3
-    assert history[-1]["eval_acc"] > 0.8
-
-
-def test_fit_checkpoint_written(random_data, cpu, tmp_path):
-    train, test = _loaders(*random_data)
-    recipe = helpers.Recipe(epochs=1, batch_size=16, widths=TINY)
-    model = helpers.Net(TINY)
-    path = tmp_path / "ck" / "model.pt"
-    history = helpers.fit(model, train, test, recipe, cpu, progress=False, log=None,
-                          checkpoint=path)
-    fresh = helpers.Net(TINY)
-    state = helpers.load_checkpoint(path, fresh)
-    assert state["epoch"] == 1 and state["history"] == history
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(fresh.state_dict()[k], v.contiguous(), check_stride=False)
-    assert list(path.parent.glob("*.tmp")) == []
+    train, test = tiny_loaders(x, y, test=_brightest_channel(10, seed=1), batch_size=16)
+    history = helpers.fit(helpers.Net(TINY, num_classes=3), _tiny(epochs=4, lr=0.1), train,
+                          test, progress=False, log=lambda rows: None)
+    assert history[-1]["train_acc"] > 0.8 and history[-1]["eval_acc"] > 0.8  # chance: 1/3
 
 
 class _NaNImages(Dataset):
@@ -127,73 +201,70 @@ class _NaNImages(Dataset):
         return torch.full((32, 32, 3), float("nan")), i % 10
 
 
-def test_fit_stops_on_nan(cpu):
+def test_fit_stops_on_nan_and_says_what_to_do(cpu, tmp_path):
     loader = DataLoader(_NaNImages(), batch_size=16)
-    recipe = helpers.Recipe(epochs=1, batch_size=16, widths=TINY)
-    with pytest.raises(FloatingPointError, match=r"(?i)nan.*batch 0.*learning rate"):
-        helpers.fit(helpers.Net(TINY), loader, loader, recipe, cpu, progress=False, log=None)
+    with pytest.raises(FloatingPointError, match=r"Epoch 1: the training loss became nan; "
+                                                 r"stopped before saving \(no checkpoint"):
+        helpers.fit(helpers.Net(TINY), _tiny(epochs=1), loader, loader, tmp_path / "m.pt",
+                    progress=False, log=None)
+    assert not (tmp_path / "m.pt").exists()
 
 
-def test_train_one_epoch_stops_on_nan_loss(random_data, cpu):
-    train, _ = _loaders(*random_data)
-    model = helpers.Net(TINY)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    before = [p.detach().clone() for p in model.parameters()]
-
-    def nan_loss(logits, y):
-        return logits.sum() * float("nan")
-
-    with pytest.raises(FloatingPointError, match="nan"):
-        helpers.train_one_epoch(model, train, opt, None, nan_loss, cpu, progress=False)
-    for a, b in zip(before, model.parameters()):  # no step taken with a NaN loss
-        assert torch.equal(a, b)
+def test_set_seed_makes_training_reproducible(random_data, cpu):
+    runs = []
+    for _ in range(2):
+        helpers.set_seed(0)
+        train, test = tiny_loaders(*random_data, batch_size=16)
+        model = helpers.Net(TINY)
+        h = helpers.fit(model, _tiny(epochs=1), train, test, progress=False,
+                        log=lambda rows: None)
+        runs.append((h[0]["train_loss"], model.out[-1].weight.detach().clone()))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_train_one_epoch_returns_mean_loss_and_accuracy(cpu):
-    """A fixed linear model with lr 0: compare against a manual pass over the batches."""
-    torch.manual_seed(0)
-    x = torch.randn(24, 32, 32, 3)  # NHWC, as the loader gives
-    y = torch.randint(0, 10, (24,))
-    loader = DataLoader(list(zip(x, y)), batch_size=8)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with torch.no_grad():
-        logits = model(x.permute(0, 3, 1, 2))
-    ref_loss = F.cross_entropy(logits, y).item()
-    ref_acc = (logits.argmax(1) == y).float().mean().item()
-    loss, acc = helpers.train_one_epoch(model, loader, opt, None, nn.CrossEntropyLoss(), cpu,
-                                        progress=False)
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert acc == pytest.approx(ref_acc)
+def test_set_seed_reproduces_draws():
+    helpers.set_seed(42)
+    a = (torch.randn(5), np.random.rand(5), random.random())
+    helpers.set_seed(42)
+    b = (torch.randn(5), np.random.rand(5), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    helpers.set_seed(43)
+    assert not torch.equal(torch.randn(5), a[0])
 
 
-# --------------------------------------------------------------------------- evaluate
+def test_get_device_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert helpers.get_device() == torch.device("cpu")
+    assert "CPU" in capsys.readouterr().out
+    helpers.get_device(verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------- evaluation
 def test_evaluate_matches_manual_computation(cpu):
     torch.manual_seed(1)
     x = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
     y = torch.randint(0, 10, (20,))
-    loader = helpers.TensorBatches(x, y, batch_size=6)
     model = helpers.Net(TINY).eval()
     with torch.no_grad():
         xc = x.permute(0, 3, 1, 2).float()
         logits = model(xc)
         flipped = (logits + model(torch.flip(xc, dims=[3]))) / 2
-    loss, acc = helpers.evaluate(model, loader, cpu)
-    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
-    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
-    loss_t, acc_t = helpers.evaluate(model, loader, cpu, tta=True)
-    assert 0.0 <= acc_t <= 1.0
-    assert loss_t == pytest.approx(F.cross_entropy(flipped, y).item(), rel=1e-4)
-    assert acc_t == pytest.approx((flipped.argmax(1) == y).float().mean().item())
+    batches = helpers.TensorBatches(x, y, batch_size=6)
+    for tta, ref in ((False, logits), (True, flipped)):
+        loss, acc = helpers.evaluate(model, batches, tta=tta)
+        assert loss == pytest.approx(F.cross_entropy(ref, y).item(), rel=1e-4)
+        assert acc == pytest.approx((ref.argmax(1) == y).float().mean().item())
 
 
-def test_evaluate_leaves_model_in_eval_and_does_not_train(cpu):
+def test_evaluate_leaves_the_model_untouched(cpu):
     model = helpers.Net(TINY).train()
-    loader = DataLoader([(torch.randn(32, 32, 3), 1) for _ in range(4)], batch_size=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    helpers.evaluate(model, loader, cpu, tta=True)
-    for k, v in model.state_dict().items():  # BatchNorm statistics untouched
-        assert torch.equal(before[k], v), k
+    helpers.evaluate(model, DataLoader([(torch.randn(32, 32, 3), 1) for _ in range(4)],
+                                       batch_size=2), tta=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def _with_random_bn_statistics(model: nn.Module) -> nn.Module:
@@ -212,21 +283,18 @@ def test_fold_batchnorm_computes_the_same_function_without_batchnorm():
     model = _with_random_bn_statistics(helpers.Net(TINY, (1, 1, 1, 1)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = helpers.fold_batchnorm(model)
-    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    x = torch.randint(0, 256, (8, 3, 32, 32)).float()
     with torch.no_grad():
-        ref, out = model(x.float()), folded(x.float())
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == len(convs)
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # original kept
-    for k, v in model.state_dict().items():
-        assert torch.equal(before[k], v), k
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == \
+        sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_fold_batchnorm_leaves_batchnorm_that_follows_no_conv():
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    model = _with_random_bn_statistics(model)
+    model = _with_random_bn_statistics(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
     folded = helpers.fold_batchnorm(model)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -240,229 +308,176 @@ def test_evaluate_scores_a_trained_net_as_the_unfolded_net_does(cpu):
     y = torch.randint(0, 10, (30,))
     with torch.no_grad():
         logits = model(x.permute(0, 3, 1, 2).float())
-    loss, acc = helpers.evaluate(model, helpers.TensorBatches(x, y, batch_size=7), cpu)
+    loss, acc = helpers.evaluate(model, helpers.TensorBatches(x, y, batch_size=7))
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
     assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
 
 
-# --------------------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = helpers.Net(TINY)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+# --------------------------------------------------------------------------- checkpoints, weights
+def test_fit_checkpoint_is_a_plain_dict_that_resumes(random_data, cpu, tmp_path):
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    model, path = helpers.Net(TINY), tmp_path / "ck" / "model.pt"
+    history = helpers.fit(model, _tiny(epochs=1), train, test, path, progress=False,
+                          log=lambda rows: None)
+    state = torch.load(path, weights_only=True)  # tensors and plain values only
+    assert state["epoch"] == 1 and state["history"] == history
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "run"} <= set(state)
+    assert state["run"]["seed"] == 0 and state["run"]["train_images"] == 64
+    assert list(path.parent.glob("*.tmp")) == []
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any other file
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_save_weights_and_load_model_round_trip(tmp_path):
+    recipe = helpers.Recipe(widths=TINY, depths=(0, 1, 1, 1), act="relu")
+    model = _with_random_bn_statistics(helpers.build_model(recipe, 7, (0.1, 0.2, 0.3),
+                                                           (0.4, 0.5, 0.6)))
+    helpers.save_weights(tmp_path / "w.pt", model, dict(recipe=asdict(recipe), seed=3))
+    loaded, state = helpers.load_model(tmp_path / "w.pt")
     x = torch.randint(0, 256, (4, 3, 32, 32)).float()
-    model(x).sum().backward()
-    opt.step()
-    model.eval()
-    path = tmp_path / "sub" / "model.pt"
-    helpers.save_checkpoint(path, model, opt, epoch=3, history=[{"epoch": 3}])
-    assert path.is_file() and list(path.parent.glob("*.tmp")) == []
-    other = helpers.Net(TINY).eval()
-    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
     with torch.no_grad():
-        assert not torch.allclose(other(x), model(x))
-    state = helpers.load_checkpoint(path, other, other_opt)
-    assert state["epoch"] == 3 and state["history"] == [{"epoch": 3}]
-    with torch.no_grad():
-        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
-    buf = opt.state_dict()["state"][0]["momentum_buffer"]
-    torch.testing.assert_close(other_opt.state_dict()["state"][0]["momentum_buffer"], buf)
+        assert torch.equal(loaded(x), model(x))
+    assert not loaded.training and state["run"]["seed"] == 3
+    assert set(state) == {"model", "run"}
 
 
-def test_checkpoint_overwrite_is_clean(tmp_path):
-    path = tmp_path / "m.pt"
-    model = helpers.Net(TINY)
-    helpers.save_checkpoint(path, model, epoch=1)
-    helpers.save_checkpoint(path, model, epoch=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
-    assert helpers.load_checkpoint(path, helpers.Net(TINY))["epoch"] == 2
+def test_failed_save_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path, model = tmp_path / "m.pt", helpers.Net(TINY)
+    helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=1))
 
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
 
-def test_failed_save_leaves_no_temp_and_keeps_old(tmp_path, monkeypatch):
-    path = tmp_path / "m.pt"
-    model = helpers.Net(TINY)
-    helpers.save_checkpoint(path, model, epoch=1)
-
-    def broken_save(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        helpers.save_checkpoint(path, model, epoch=2)
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(helpers.WriteError, match=r"cannot write .*m.pt: No space left"):
+        helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=2))
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
-    assert helpers.load_checkpoint(path, helpers.Net(TINY))["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
-def test_load_checkpoint_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        helpers.load_checkpoint(tmp_path / "nothing.pt", helpers.Net(TINY))
+@pytest.mark.parametrize("name, raw", [
+    ("empty.pt", b""), ("garbage.pt", b"\x00\x01 not a checkpoint" * 20),
+    ("plain.pt", __import__("pickle").dumps({"model": [1, 2]}, protocol=4))])
+def test_broken_files_get_a_short_safe_message(tmp_path, name, raw):
+    import warnings
+    (tmp_path / name).write_bytes(raw)
+    with warnings.catch_warnings(record=True) as seen, \
+            pytest.raises(helpers.CheckpointError) as e:
+        warnings.simplefilter("always")
+        helpers.load_model(tmp_path / name)
+    assert name in str(e.value) and "weights_only" not in str(e.value)  # no unsafe advice
+    assert "\n" not in str(e.value) and not seen
 
 
-def test_load_checkpoint_garbage(tmp_path):
-    bad = tmp_path / "garbage.pt"
-    bad.write_bytes(b"\x00\x01 definitely not a checkpoint" * 20)
-    with pytest.raises(RuntimeError) as e:
-        helpers.load_checkpoint(bad, helpers.Net(TINY))
-    assert str(bad) in str(e.value)
+def test_load_model_of_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(helpers.CheckpointError, match="nothing.pt is not a file"):
+        helpers.load_model(tmp_path / "nothing.pt")
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(helpers.CheckpointError, match="other.pt holds no model"):
+        helpers.load_model(tmp_path / "other.pt")
 
 
-def test_load_checkpoint_wrong_model(tmp_path):
-    path = tmp_path / "m.pt"
-    helpers.save_checkpoint(path, helpers.Net(TINY))
-    with pytest.raises(RuntimeError, match="m.pt"):
-        helpers.load_checkpoint(path, helpers.Net((8, 16, 16, 32)))
-
-
-# --------------------------------------------------------------------------- seeds, device
-def test_set_seed_reproduces_draws():
-    helpers.set_seed(42)
-    a = (torch.randn(5), np.random.rand(5), random.random())
-    helpers.set_seed(42)
-    b = (torch.randn(5), np.random.rand(5), random.random())
-    assert torch.equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
-    assert a[2] == b[2]
-    helpers.set_seed(43)
-    assert not torch.equal(torch.randn(5), a[0])
-
-
-def test_set_seed_makes_training_reproducible(random_data, cpu):
-    recipe = helpers.Recipe(epochs=1, batch_size=16, widths=TINY)
-    runs = []
-    for _ in range(2):
-        helpers.set_seed(0)
-        train, test = _loaders(*random_data)
-        model = helpers.Net(TINY)
-        h = helpers.fit(model, train, test, recipe, cpu, progress=False, log=None)
-        runs.append((h[0]["train_loss"], model.out[-1].weight.detach().clone()))
-    assert runs[0][0] == runs[1][0]
-    torch.testing.assert_close(runs[0][1], runs[1][1])
-
-
-def test_get_device_cpu(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    if getattr(torch.backends, "mps", None) is not None:
-        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    dev = helpers.get_device()
-    assert dev == torch.device("cpu")
-    assert "CPU" in capsys.readouterr().out
-    helpers.get_device(verbose=False)
-    assert capsys.readouterr().out == ""
-
-
-def test_recipes_are_sane():
-    assert set(helpers.RECIPES) == {"standard", "accurate", "fast", "small"}
-    for name, r in helpers.RECIPES.items():
-        assert r.epochs >= 1 and r.batch_size >= 1 and r.lr > 0, name
-        model = helpers.build_model(r)
-        assert helpers.count_parameters(model) < 200_000, name
-        assert helpers.check_rules(model)["passed"].all(), name
-        assert min(r.p_flip, r.p_affine, r.p_dropout) >= 0.25, name  # each on a quarter or more
-    assert helpers.count_parameters(helpers.build_model(helpers.RECIPES["small"])) <= 50_000
-    assert helpers.RECIPES["fast"].epochs <= 10
-    # the default's budget: Run All of the notebook stays about an hour on a 2-core CPU
-    assert helpers.RECIPES["standard"].epochs <= 15
-    # "accurate" is the default's net and settings, trained for 50 epochs instead of 15
-    assert helpers.RECIPES["accurate"] == replace(helpers.RECIPES["standard"], epochs=50)
-    assert helpers.Recipe() == helpers.RECIPES["standard"]  # the defaults are the notebook's
-
-
-# --------------------------------------------------------------------------- import, CLI
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               NO_ALBUMENTATIONS_UPDATE="1", MPLBACKEND="Agg")
-    env.update(extra)
-    return env
-
-
+# --------------------------------------------------------------------------- the commands
 def test_import_is_silent_and_writes_nothing(tmp_path):
-    res = subprocess.run([sys.executable, "-c", "import helpers"], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout == "" and res.stderr == ""
+    res = subprocess.run(helpers_cmd()[:1] + ["-c", "import helpers"], cwd=tmp_path, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
     assert list(tmp_path.iterdir()) == []
 
 
-def test_all_names_exist():
+def test_all_names_exist_and_are_public():
     assert len(helpers.__all__) == len(set(helpers.__all__))
-    missing = [n for n in helpers.__all__ if not hasattr(helpers, n)]
-    assert missing == []
+    assert [n for n in helpers.__all__ if not hasattr(helpers, n) or n.startswith("_")] == []
 
 
-def test_cli_train_writes_run_folder(tmp_path, png_root):
+@pytest.mark.slow
+def test_train_writes_the_run_folder_and_evaluate_scores_it(tmp_path, png_root):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir", str(png_root),
-           "--epochs", "2", "--widths", "8", "16", "16", "16", "--batch-size", "16",
-           "--out", str(out), "--no-progress", "--threads", "1", "--p-affine", "0.1",
-           "--p-dropout", "0.2", "--weight-decay", "1e-4", "--label-smoothing", "0",
-           "--act", "relu"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(helpers_cmd(
+        "train", "--data-dir", png_root, "--epochs", "2", "--widths", *TINY, "--batch-size",
+        "16", "--out", out, "--no-progress", "--threads", "1", "--p-affine", "0.1",
+        "--p-dropout", "0.2", "--p-flip", "0.3", "--weight-decay", "1e-4",
+        "--label-smoothing", "0", "--act", "relu", "--pct-start", "0.3"),
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "summary.json",
-                                               "model.pt"}
+    assert {p.name for p in out.iterdir()} == {".lock", "config.json", "log.jsonl", "model.pt",
+                                               "weights.pt", "summary.json"}
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"]["epochs"] == 2 and config["recipe"]["widths"] == [8, 16, 16, 16]
-    assert {k: config["recipe"][k] for k in ("p_affine", "p_dropout", "weight_decay",
-                                             "label_smoothing", "act")} == dict(
-        p_affine=0.1, p_dropout=0.2, weight_decay=1e-4, label_smoothing=0.0, act="relu")
+    assert {k: config["recipe"][k] for k in ("p_affine", "p_dropout", "p_flip", "weight_decay",
+                                             "label_smoothing", "act", "pct_start")} == dict(
+        p_affine=0.1, p_dropout=0.2, p_flip=0.3, weight_decay=1e-4, label_smoothing=0.0,
+        act="relu", pct_start=0.3)
     assert config["recipe"]["lr"] == helpers.RECIPES["standard"].lr  # not given: the recipe's
-    assert config["recipe"]["depths"] == [1, 1, 1, 1]
-    assert config["train_images"] == 30 and config["eval_images"] == 20
-    assert config["eval_split"] == "test"
+    assert (config["train_images"], config["eval_images"], config["eval_split"]) == (30, 20,
+                                                                                       "test")
     assert config["params"] == helpers.count_parameters(helpers.Net(TINY))
-    assert config["threads"] == 1
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(KEYS <= set(r) for r in rows)
+    assert len(config["mean"]) == len(config["std"]) == 3 and config["threads"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(set(r) == KEYS for r in log)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_test_acc"] == rows[-1]["eval_acc"]
-    assert {r["eval_split"] for r in rows} == {"test"}
-    assert 0.0 <= summary["final_test_acc_flip_tta"] <= 1.0
-    state = helpers.load_checkpoint(out / "model.pt", helpers.Net(TINY))
-    assert state["epoch"] == 2
+    assert summary["final_test_acc"] == log[-1]["eval_acc"]
     assert {p.name for p in tmp_path.iterdir()} == {"png", "run"}  # nothing else in cwd
+    for weights in ("weights.pt", "model.pt"):  # the scorer reads either
+        res = subprocess.run(helpers_cmd("evaluate", "--weights", out / weights, "--data-dir",
+                                         png_root, "--threads", "1"),
+                             env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        scored = json.loads(res.stdout.splitlines()[-2])
+        assert scored["test_acc"] == summary["final_test_acc"]
+        assert scored["test_acc_flip_tta"] == summary["final_test_acc_flip_tta"]
+        assert f"test accuracy {100 * summary['final_test_acc']:.2f}%" in res.stdout
 
 
-def test_cli_model_options_reach_the_recipe():
-    parse = helpers._build_parser().parse_args
-    base = ["train", "--data-dir", "x", "--recipe", "small"]
-    r = helpers._recipe_from_args(parse(base + [
-        "--depths", "1", "2", "1", "1", "--act", "relu", "--epochs", "3"]))
-    assert (r.depths, r.act, r.epochs) == ((1, 2, 1, 1), "relu", 3)
-    assert r.widths == helpers.RECIPES["small"].widths
-    r = helpers._recipe_from_args(parse(base))  # flags not given: the recipe's values
-    assert r == helpers.RECIPES["small"]
+def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for argv, says in (
+            (["--weights", tmp_path / "none.pt", "--data-dir", png_root], "none.pt is not a file"),
+            (["--weights", tmp_path / "junk.pt", "--data-dir", png_root], "junk.pt is damaged"),
+            (["--weights", tmp_path / "junk.pt"], "required: --data-dir")):
+        code, _, err = cli(capsys, "evaluate", *argv)
+        assert code == 2 and says in one_line(err)
+    recipe = helpers.Recipe(widths=TINY)
+    helpers.save_weights(tmp_path / "w11.pt", helpers.build_model(recipe, 11),
+                         dict(recipe=asdict(recipe)))
+    code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w11.pt", "--data-dir",
+                       png_root)
+    assert code == 2 and "11 outputs" in one_line(err) and "10 classes" in err
 
 
-def test_cli_val_fraction_holds_out_training_images(tmp_path, png_root):
+def test_val_fraction_holds_out_training_images(tmp_path, png_root, capsys):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir", str(png_root),
-           "--epochs", "1", "--widths", "8", "16", "16", "16", "--batch-size", "16",
-           "--out", str(out), "--no-progress", "--threads", "1", "--workers", "0",
-           "--val-fraction", "0.2"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
+    code, stdout, err = cli(capsys, "train", "--data-dir", png_root, "--epochs", "1",
+                            "--widths", *TINY, "--batch-size", "16", "--out", out,
+                            "--no-progress", "--threads", "1", "--val-fraction", "0.2")
+    assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert (config["train_images"], config["eval_split"], config["eval_images"]) == (24, "val", 6)
     summary = json.loads((out / "summary.json").read_text())
-    assert "final_test_acc" not in summary
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert summary["final_val_acc"] == rows[-1]["eval_acc"]
-    assert {r["eval_split"] for r in rows} == {"val"}  # named for what was evaluated
-    assert "val loss" in res.stdout and "test loss" not in res.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "final_test_acc" not in summary and summary["final_val_acc"] == log[-1]["eval_acc"]
+    assert "val loss" in stdout and "test loss" not in stdout  # named for what was evaluated
 
 
-def test_cli_missing_data_fails_clearly(tmp_path):
-    cmd = [sys.executable, str(REPO / "helpers.py"), "train", "--data-dir",
-           str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 2
-    assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
-    assert "No CIFAR-10 data" in res.stderr and "none" in res.stderr
+def test_model_options_reach_the_recipe(tmp_path, png_root, capsys):
+    code, _, err = cli(capsys, "train", "--data-dir", png_root, "--recipe", "small",
+                       "--widths", *TINY, "--depths", "1", "2", "1", "1", "--act", "relu",
+                       "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    recipe = helpers.Recipe(**json.loads((tmp_path / "run" / "config.json").read_text())["recipe"])
+    assert recipe == replace(helpers.RECIPES["small"], widths=TINY, depths=(1, 2, 1, 1),
+                             act="relu", epochs=1)
+
+
+def test_missing_data_fails_clearly(tmp_path, capsys):
+    code, _, err = cli(capsys, "train", "--data-dir", tmp_path / "none", "--out",
+                       tmp_path / "run", "--epochs", "1")
+    line = one_line(err)
+    assert code == 2 and "No CIFAR-10 data" in line and "none" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -1,0 +1,623 @@
+"""The run folder: resume after an interruption, one writer at a time, --overwrite that loses
+nothing, damaged files refused, write failures, and bad input refused up front.
+
+README's "What it guards against" lists each fault with the test below that shows it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from conftest import (TINY, cli, env, helpers_cmd, make_arrays, one_line, rows, snapshot,
+                      tiny_loaders, train_args, write_image_folder)
+
+# Runs helpers.main in a subprocess and parks it, writing OUT/paused, at a chosen moment:
+# "batch": in the second training batch of epoch 2 (after the checkpoint of epoch 1);
+# "save": in the second save of model.pt, once its temp file is written, before the rename.
+DRIVER = """
+import os, sys, time
+from pathlib import Path
+import helpers
+out, mode, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+count = [0]
+def pause():
+    (out / "paused").write_text(str(os.getpid()))
+    time.sleep(600)
+if mode == "batch":
+    real_to_input = helpers.to_input
+    def to_input(x, *a, **k):
+        if (out / "model.pt").exists():
+            count[0] += 1
+            if count[0] == 2:
+                pause()
+        return real_to_input(x, *a, **k)
+    helpers.to_input = to_input
+else:
+    real_replace = os.replace
+    def replace(a, b):
+        if str(b).endswith("model.pt"):
+            count[0] += 1
+            if count[0] == 2:
+                pause()
+        real_replace(a, b)
+    os.replace = replace
+sys.exit(helpers.main(argv))
+"""
+
+
+def _start_paused(tmp_path: Path, out: Path, moment: str, argv: list) -> subprocess.Popen:
+    """helpers.main(argv) in a subprocess, parked at ``moment`` (see DRIVER)."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    log = open(tmp_path / f"stderr-{time.monotonic_ns()}", "w+")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(out), moment,
+                             *map(str, argv)], env=env(), stdout=subprocess.DEVNULL, stderr=log)
+    proc.stderr_file = log
+    deadline = time.time() + 300
+    while not (out / "paused").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (out / "paused").exists(), Path(log.name).read_text()
+    (out / "paused").unlink()
+    return proc
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.stderr_file.seek(0)
+    return proc.stderr_file.read()
+
+
+def _run(*argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(helpers_cmd(*argv), env=env(), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted run with one loader worker."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = _run(*train_args(data_dir, out, "--workers", "1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    assert rows(out) == rows(ref) and len(rows(ref)) == 3
+    a, b = (torch.load(p / "model.pt", weights_only=True) for p in (ref, out))
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, out))
+    assert sa["final_test_acc"] == sb["final_test_acc"]
+    assert sa["final_test_acc_flip_tta"] == sb["final_test_acc_flip_tta"]
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, sig", [
+    ("batch", signal.SIGKILL), ("batch", signal.SIGINT), ("batch", signal.SIGTERM),
+    ("save", signal.SIGKILL)], ids=["kill-in-batch", "sigint-in-batch", "sigterm-in-batch",
+                                    "kill-in-save"])
+def test_interrupted_run_resumes_to_the_same_history_and_weights(
+        moment, sig, data_dir, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _start_paused(tmp_path, out, moment, train_args(data_dir, out, "--workers", "1"))
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert torch.load(out / "model.pt", weights_only=True)["epoch"] == 1
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        if moment == "save":  # the killed save left its temp file behind
+            assert list(out.glob("model.pt.*.tmp"))
+    else:
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143)
+        line = one_line(_stderr(proc))
+        assert f"interrupted by {sig.name}" in line and "keeps epoch 1" in line
+        assert "--resume" in line
+    before = snapshot(out)  # a rerun without --resume is refused, and changes nothing
+    code, _, err = cli(capsys, *train_args(data_dir, out))
+    assert code == 2 and "partial run" in one_line(err) and "keeps epoch 1" in err
+    assert "--resume" in err and "--overwrite" in err and snapshot(out) == before
+    res = _run(*train_args(data_dir, out, "--resume"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "continuing" in res.stdout and "keeps epoch 1" in res.stdout
+    assert not list(out.glob("*.tmp"))  # the stale temp file was ignored and removed
+    _assert_same_run(out, reference)
+    assert json.loads((out / "config.json").read_text())["workers"] == 1  # reused by --resume
+
+
+def _fit_setup(seed=0):
+    """Model, recipe and loaders built as the command line builds them (no workers)."""
+    helpers.set_seed(seed)
+    train, test = tiny_loaders(*make_arrays(3, 1), seed=seed)
+    recipe = helpers.Recipe(epochs=3, batch_size=8, widths=TINY, p_affine=0.5, p_dropout=0.5)
+    return helpers.build_model(recipe), recipe, train, test
+
+
+def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu):
+    model, recipe, train, test = _fit_setup()
+    straight = helpers.fit(model, recipe, train, test, progress=False, log=lambda r: None)
+
+    def stop_after_epoch_1(history):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "model.pt"
+    with pytest.raises(KeyboardInterrupt):
+        helpers.fit(*_fit_setup(), path, progress=False, log=stop_after_epoch_1)
+    again, *rest = _fit_setup()
+    torch.manual_seed(123)  # the global generators' state now must not matter
+    np.random.seed(123)
+    logged = []
+    history = helpers.fit(again, *rest, path, resume=True, progress=False,
+                          log=lambda h: logged.append(h[-1]["epoch"]))
+    assert logged == [2, 3]  # only the new epochs are logged
+    timing = {"seconds", "train_seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in straight] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in history]
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in model.state_dict().items())
+
+
+def test_fit_resume_without_a_checkpoint_starts_from_epoch_1(tmp_path, cpu):
+    model, recipe, train, test = _fit_setup()
+    history = helpers.fit(model, replace(recipe, epochs=1), train, test, tmp_path / "m.pt",
+                          resume=True, progress=False, log=lambda r: None)
+    assert [r["epoch"] for r in history] == [1]
+    with pytest.raises(ValueError, match="checkpoint"):
+        helpers.fit(model, recipe, train, test, resume=True, progress=False)
+
+
+def test_fit_refuses_a_checkpoint_of_another_run(tmp_path, cpu):
+    model, recipe, train, test = _fit_setup()
+    path = tmp_path / "m.pt"
+    helpers.fit(model, replace(recipe, epochs=1), train, test, path, progress=False,
+                log=lambda r: None)
+    with pytest.raises(helpers.CheckpointError, match=r"another run \(recipe.epochs 1 -> 3\)"):
+        helpers.fit(*_fit_setup(), path, resume=True, progress=False)
+    model1, recipe1, train1, test1 = _fit_setup(seed=1)  # the same recipe, another seed
+    with pytest.raises(helpers.CheckpointError, match="seed 0 -> 1; augment_seed 0 -> 1"):
+        helpers.fit(model1, replace(recipe1, epochs=1), train1, test1, path, resume=True,
+                    progress=False)
+    helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=1))  # weights only
+    with pytest.raises(helpers.CheckpointError, match="cannot be resumed: it lacks optimizer"):
+        helpers.fit(*_fit_setup(), path, resume=True, progress=False)
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    s = helpers.EpochSampler(20, seed=5)
+    s.set_epoch(3)
+    torch.manual_seed(0)
+    a = list(s)
+    torch.manual_seed(1)
+    s.set_epoch(3)
+    assert list(s) == a and sorted(a) == list(range(20))
+    assert list(s) != a  # the pass after epoch 3 is epoch 4
+    other = helpers.EpochSampler(20, seed=6)
+    other.set_epoch(3)
+    assert list(other) != a
+
+
+def test_epoch_augment_stream_restarts_each_epoch():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    def draws(aug, epoch, n=6):
+        aug.set_epoch(epoch)
+        return [aug(image=img)["image"] for _ in range(n)]
+
+    def fresh():
+        return helpers.EpochAugment(helpers.exercise_augmentations((0.5,) * 3, 0.5, 0.5, 0.5,
+                                                                   seed=0), seed=7)
+
+    long_run = fresh()
+    draws(long_run, 0)
+    for a, b in zip(draws(long_run, 1), draws(fresh(), 1)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- the run folder
+@pytest.fixture
+def finished_run(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1"))
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture
+def partial_run(data_dir, tmp_path, capsys, monkeypatch):
+    """A 3-epoch run interrupted (as by Ctrl-C) once epoch 1 is saved."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(helpers, "format_row", lambda *a: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    code, _, err = cli(capsys, *train_args(data_dir, out))
+    monkeypatch.undo()
+    assert code == 130 and "keeps epoch 1" in err
+    return out
+
+
+def test_finished_run_is_never_overwritten_silently(finished_run, data_dir, capsys):
+    out, args = finished_run, train_args(data_dir, finished_run, "--epochs", "1")
+    before = snapshot(out)
+    code, _, err = cli(capsys, *args)
+    line = one_line(err)
+    assert code == 2 and "finished run" in line and "--overwrite" in line
+    assert snapshot(out) == before
+    code, stdout, _ = cli(capsys, *args, "--resume")
+    assert code == 0 and "nothing to do" in stdout and snapshot(out) == before
+    code, _, err = cli(capsys, *args, "--resume", "--overwrite")
+    assert code == 2 and "not allowed with" in one_line(err)
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, *args[:-4], "--overwrite", "--epochs", "2")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 2
+    assert len(rows(out)) == 2 and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".replaced").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing data", "too large a subset", "corrupt image",
+                                    "interrupted while loading"])
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
+        damage, finished_run, data_dir, tmp_path, capsys, monkeypatch):
+    before = snapshot(finished_run)
+    data, extra = data_dir, []
+    if damage == "missing data":
+        data = tmp_path / "mistyped"
+    elif damage == "too large a subset":
+        extra = ["--train-subset", "1000"]
+    elif damage == "corrupt image":
+        data = write_image_folder(tmp_path / "png", *make_arrays(3, 1), *make_arrays(2, 2))
+        (data / "train" / "cat" / "0010.png").write_bytes(b"not a png")
+    else:
+        monkeypatch.setattr(helpers, "load_cifar10", lambda *a: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+    code, _, err = cli(capsys, *train_args(data, finished_run, "--epochs", "2", "--overwrite",
+                                           *extra))
+    assert code == (130 if damage.startswith("interrupted") else 2), err
+    one_line(err)
+    assert snapshot(finished_run) == before and not (finished_run / ".replaced").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_gives_the_old_run_back(finished_run, data_dir, tmp_path, capsys):
+    before = snapshot(finished_run)
+    proc = _start_paused(tmp_path, finished_run, "save", train_args(
+        data_dir, finished_run, "--epochs", "3", "--overwrite"))
+    proc.kill()  # in the new run's second save: its first checkpoint is on disk
+    proc.wait(timeout=60)
+    assert not (finished_run / ".replaced").exists()  # dropped once epoch 1 was saved
+    shutil.rmtree(finished_run)
+    cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1"))
+    before = snapshot(finished_run)
+    proc = _start_paused(tmp_path, finished_run, "batch", train_args(
+        data_dir, finished_run, "--epochs", "3", "--overwrite", "--workers", "0"))
+    assert (finished_run / ".replaced").exists()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    (finished_run / "model.pt").unlink()  # as if killed before the first checkpoint
+    code, stdout, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
+                                                "--resume"))
+    assert code == 0, err
+    assert "restored the run" in stdout and "nothing to do" in stdout
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_folder(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _start_paused(tmp_path, out, "batch", train_args(data_dir, out))
+    for extra in ([], ["--resume"], ["--overwrite"], ["--seed", "1", "--overwrite"]):
+        res = _run(*train_args(data_dir, out, *extra))
+        line = one_line(res.stderr)
+        assert res.returncode == 2 and f"in use by another command (PID {first.pid})" in line
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    resumed = _start_paused(tmp_path, out, "batch", train_args(data_dir, out, "--resume"))
+    res = _run(*train_args(data_dir, out, "--resume"))
+    assert res.returncode == 2 and f"(PID {resumed.pid})" in one_line(res.stderr)
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=60) == 143
+    res = _run(*train_args(data_dir, out, "--resume"))
+    assert res.returncode == 0, res.stderr
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]  # no row twice
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("config.json", "null", "config.json is damaged: it lacks recipe"),
+    ("config.json", "[1, 2]", "config.json is damaged: it lacks recipe"),
+    ("config.json", "{not json", "config.json is damaged (Expecting"),
+    ("summary.json", "{not json", "summary.json is damaged"),
+    ("summary.json", '{"final_test_acc": 0.5}', "summary.json does not agree with model.pt"),
+    ("model.pt", "garbage", "model.pt is damaged or not a checkpoint")])
+def test_damaged_run_files_are_refused_naming_the_file(name, text, says, finished_run,
+                                                        data_dir, capsys):
+    (finished_run / name).write_text(text)
+    if name == "model.pt":
+        (finished_run / "summary.json").unlink()  # a partial run, now resumed
+    before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and says in one_line(err) and snapshot(finished_run) == before
+    if name == "model.pt":  # and without --resume, the refusal says so too
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1"))
+        assert code == 2 and "model.pt is damaged" in one_line(err)
+        assert "no checkpoint yet" not in err
+
+
+def test_a_checkpoint_of_another_run_is_refused(data_dir, tmp_path, capsys, monkeypatch):
+    runs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        monkeypatch.setattr(helpers, "format_row", lambda *a: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+        assert cli(capsys, *train_args(data_dir, out, "--seed", str(seed)))[0] == 130
+        runs[seed] = out
+    monkeypatch.undo()
+    shutil.copy(runs[1] / "model.pt", runs[0] / "model.pt")
+    before = snapshot(runs[0])
+    code, _, err = cli(capsys, *train_args(data_dir, runs[0], "--resume"))
+    line = one_line(err)
+    assert code == 2 and "belongs to another run" in line and "seed 1 -> 0" in line
+    assert snapshot(runs[0]) == before
+
+
+def test_resume_with_other_options_is_refused(partial_run, data_dir, capsys):
+    before = snapshot(partial_run)
+    for extra, says in ((["--lr", "0.1"], "recipe.lr 0.2 -> 0.1"), (["--seed", "3"], "seed 0 -> 3"),
+                        (["--workers", "1"], "workers 0 -> 1"),
+                        (["--train-subset", "20"], "train_subset None -> 20")):
+        code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume", *extra))
+        assert code == 2 and says in one_line(err), err
+    assert snapshot(partial_run) == before
+
+
+def test_config_records_what_changes_results(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    for key in ("recipe", "recipe_name", "seed", "workers", "threads", "device", "data",
+                "classes", "train_images", "eval_images", "eval_split", "train_subset",
+                "test_subset", "val_fraction", "mean", "std", "versions"):
+        assert key in config, key
+    assert config["workers"] == 0
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_refused_before_reading(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    for out, says in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "run", "cannot write to")):
+        code, _, err = cli(capsys, *train_args(tmp_path / "absent", out))
+        assert code == 2 and says in one_line(err) and "CIFAR-10" not in err
+
+
+def _limited(megabytes: float):
+    limit = int(megabytes * 2 ** 20)
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow
+def test_a_write_failure_is_one_line_and_keeps_the_last_good_checkpoint(partial_run, data_dir):
+    size = (partial_run / "model.pt").stat().st_size
+    res = _run(*train_args(data_dir, partial_run, "--resume"), preexec_fn=_limited(size / 2 ** 21))
+    line = one_line(res.stderr)
+    assert res.returncode == 74 and "cannot write" in line and "model.pt: File too large" in line
+    assert torch.load(partial_run / "model.pt", weights_only=True)["epoch"] == 1
+    assert not list(partial_run.glob("*.tmp")) and not (partial_run / "summary.json").exists()
+    res = _run(*train_args(data_dir, partial_run, "--resume"))  # with room again: it finishes
+    assert res.returncode == 0 and len(rows(partial_run)) == 3
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_overwrite_target_is_one_line(finished_run, data_dir, capsys):
+    finished_run.chmod(0o500)
+    try:
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--overwrite"))
+    finally:
+        finished_run.chmod(0o755)
+    assert code == 2 and "cannot write" in one_line(err)
+
+
+def test_control_characters_in_names_are_escaped(tmp_path, capsys):
+    code, _, err = cli(capsys, *train_args(tmp_path / "bad\x1b[31mname", tmp_path / "run"))
+    assert code == 2 and "\x1b" not in err and "\\x1b[31mname" in one_line(err)
+
+
+# --------------------------------------------------------------------------- checkpoints
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_code_is_refused_and_never_run(partial_run, data_dir, tmp_path, capsys):
+    """A crafted model.pt ran a shell command on load."""
+    marker, path = tmp_path / "ran", tmp_path / "model.pt"
+    torch.save({"model": _RunsCode(marker), "epoch": 1}, path)
+    with pytest.raises(helpers.CheckpointError, match="posix.system: refused.*could run code"):
+        helpers.load_model(path)
+    shutil.copy(path, partial_run / "model.pt")  # the same file met by --resume
+    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+    assert code == 2 and "could run code" in one_line(err)
+    assert not marker.exists()
+
+
+def test_stale_temp_file_is_ignored_and_cleaned(tmp_path):
+    path, model = tmp_path / "model.pt", helpers.Net(TINY)
+    helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=1))
+    (tmp_path / "model.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_save_flushes_to_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or
+                        real_replace(a, b))
+    helpers.save_checkpoint(tmp_path / "m.pt", dict(model=helpers.Net(TINY).state_dict()))
+    assert events[:2] == ["fsync", "replace"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    path, model = tmp_path / "m.pt", helpers.Net(TINY)
+    helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=1))
+    with torch.no_grad():
+        model.c2[0][1].running_var[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="c2.0.1.running_var"):
+        helpers.save_checkpoint(path, dict(model=model.state_dict(), epoch=2))
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+class _GoodThenNaN:
+    """Evaluation batches: real images, then (from the second pass) an image of inf."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.passes = torch.as_tensor(x), torch.as_tensor(y), 0
+
+    def __iter__(self):
+        self.passes += 1
+        x = self.x.float()
+        if self.passes >= 2:
+            x[0] = float("inf")
+        yield x, self.y
+
+
+def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_path, cpu):
+    model, recipe, train, _ = _fit_setup()
+    path, logged = tmp_path / "m.pt", []
+    with pytest.raises(FloatingPointError,
+                       match=r"Epoch 2: the evaluation loss is nan.*keeps epoch 1"):
+        helpers.fit(model, recipe, train, _GoodThenNaN(*make_arrays(2, 2)), path,
+                    progress=False, log=lambda h: logged.append(h[-1]["epoch"]))
+    assert logged == [1] and torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_fit_stops_on_non_finite_batchnorm_statistics(tmp_path, cpu):
+    """Finite evaluation, but a BatchNorm buffer went inf: nothing is saved."""
+    model, recipe, train, test = _fit_setup()
+    calls = []
+
+    def poison(module, inputs):
+        calls.append(module.training)
+        if sum(calls) == 4 and module.training:  # the first training step of epoch 2
+            module.running_var[0] = float("inf")
+
+    model.c3[0][2].register_forward_pre_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"Epoch 2: c3.0.2.running_var holds nan"):
+        helpers.fit(model, recipe, train, test, tmp_path / "m.pt", progress=False,
+                    log=lambda h: None)
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 1
+
+
+def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_path, capsys):
+    """A learning rate far too high (1000) makes the loss nan; the run stops."""
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *train_args(data_dir, out, "--lr", "1000"))
+    line = one_line(err)
+    assert code == 1 and "stopped" in line and "nan" in line and "learning rate" in line
+    assert not (out / "summary.json").exists()
+    if (out / "model.pt").exists():
+        state = torch.load(out / "model.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()
+                   if t.dtype.is_floating_point)
+
+
+# --------------------------------------------------------------------------- bad options
+BAD_OPTIONS = [  # (options, words the one-line error must hold)
+    (["--val-fraction", "-0.2"], "--val-fraction: expected a number in (0, 1)"),
+    (["--val-fraction", "1"], "--val-fraction: expected a number in (0, 1)"),
+    (["--train-subset", "-10"], "--train-subset: expected an integer >= 1"),
+    (["--threads", "0"], "--threads: expected an integer in [1, 1024]"),
+    (["--epochs", "0"], "--epochs: expected an integer >= 1"),
+    (["--test-subset", "0"], "--test-subset: expected an integer >= 1"),
+    (["--train-subset", "0"], "--train-subset: expected an integer >= 1"),
+    (["--widths", "0", "0", "0", "0"], "--widths: expected four integers >= 1"),
+    (["--widths", "8", "16", "16"], "--widths: expected 4 arguments"),
+    (["--epochs", "1.5"], "--epochs: expected an integer >= 1"),
+    (["--lr", "0"], "--lr: expected a number > 0"),
+    (["--lr", "nan"], "--lr: expected a number > 0"),
+    (["--lr", "inf"], "--lr: expected a number > 0"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["--weight-decay", "-0.001"], "--weight-decay: expected a number >= 0"),
+    (["--label-smoothing", "1"], "--label-smoothing: expected a number in [0, 1)"),
+    (["--pct-start", "0"], "--pct-start: expected a number in (0, 1)"),
+    (["--p-flip", "2"], "--p-flip: expected a probability in [0, 1]"),
+    (["--p-affine", "1.5"], "--p-affine: expected a probability in [0, 1]"),
+    (["--p-dropout", "-0.1"], "--p-dropout: expected a probability in [0, 1]"),
+    (["--depths", "-1", "1", "1", "1"], "--depths: expected four integers >= 0"),
+    (["--depths", "1", "0", "1", "1"], "--depths: expected four integers >= 0 with D2 >= 1"),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]"),
+    (["--workers", "-1"], "--workers: expected an integer in [0, 64]"),
+    (["--workers", "10000"], "--workers: expected an integer in [0, 64]"),
+    (["--download-timeout", "0"], "--download-timeout: expected a number of seconds in (0,"),
+    (["--download-timeout", "1e308"], "--download-timeout: expected a number of seconds in"),
+    (["--out", ""], "--out: expected a folder name"),
+    (["--act", "tanh"], "--act: expected relu or gelu, got 'tanh'"),
+    (["--recipe", "huge"], "--recipe: invalid choice"),
+    (["--val-fraction", "0.2", "--test-subset", "5"], "--test-subset: not allowed with"),
+    (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("options, says", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_before_any_data_is_read(options, says, tmp_path, capsys):
+    """The data folder does not exist, so reaching the data would say so."""
+    code, _, err = cli(capsys, "train", "--data-dir", tmp_path / "absent",
+                       "--out", tmp_path / "run", *options)
+    line = one_line(err)
+    assert code == 2 and says in line and "CIFAR-10" not in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bad_options_in_a_real_process(tmp_path):
+    for options in (["--p-affine", "1.5"], ["--epochs", "0"]):
+        res = _run("train", "--data-dir", tmp_path, *options, cwd=tmp_path)
+        assert res.returncode == 2 and options[0] in one_line(res.stderr)
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--train-subset", "1000"], "--train-subset: 1000 is more than the 30 train images"),
+    (["--test-subset", "21"], "--test-subset: 21 is more than the 20 test images"),
+    (["--val-fraction", "0.01"], "--val-fraction: val_fraction 0.01 of 30 images leaves an "
+                                 "empty validation split"),
+])
+def test_options_that_do_not_fit_the_data(options, says, data_dir, tmp_path, capsys):
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "run", *options))
+    assert code == 2 and says in one_line(err) and not (tmp_path / "run").exists()
+
+
+def test_subset_and_split_refuse_out_of_range_sizes():
+    x, y = np.zeros((10, 1)), np.arange(10)
+    for n in (0, -10):
+        with pytest.raises(ValueError, match="subset"):
+            helpers.subset(x, y, n)
+    for f in (-0.2, 0.0, 1.0, 0.01):
+        with pytest.raises(ValueError, match="val_fraction"):
+            helpers.split_train_val(x, y, f)
+
+
+def test_an_eleventh_class_folder_gets_an_eleventh_output(png_root, tmp_path, capsys):
+    """Labels past 9 once crashed the first batch ("Target 10 is out of bounds")."""
+    from PIL import Image
+    for split in ("train", "test"):
+        (png_root / split / "zebra").mkdir()
+        Image.new("RGB", (32, 32)).save(png_root / split / "zebra" / "0.png")
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *train_args(png_root, out, "--epochs", "1"))
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["classes"][-1] == "zebra"
+    model, _ = helpers.load_model(out / "weights.pt")
+    assert model.out[-1].out_features == 11
