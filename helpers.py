@@ -906,11 +906,26 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterable:
+def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterator:
+    """``iterable`` with a progress bar; in a notebook the bar leaves a line of text when done
+    (a saved notebook has no widget left to show)."""
     if not enabled:
-        return iterable
+        yield from iterable
+        return
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, leave=False, mininterval=1.0)
+    from tqdm.notebook import tqdm as notebook_tqdm
+    if not issubclass(tqdm, notebook_tqdm):
+        yield from tqdm(iterable, desc=desc, leave=False, mininterval=1.0)
+        return
+    from IPython.display import display
+    bar = tqdm(iterable, desc=desc, leave=False, mininterval=1.0, display=False)
+    shown = display(bar.container, display_id=True)
+    try:
+        yield from bar
+    finally:
+        bar.close()
+        shown.update({"text/plain": f"{desc}: {bar.n}/{bar.total or bar.n} batches in "
+                                    f"{bar.format_dict['elapsed']:.0f} s"}, raw=True)
 
 
 def train_one_epoch(t: Training, loader: Iterable, progress: bool = True, desc: str = "train"
@@ -1207,9 +1222,11 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     return list(state["history"])
 
 
-def save_weights(path: str | os.PathLike, model: nn.Module, run: dict) -> None:
-    """Save the final weights with ``run`` (JSON-plain: its "recipe", data, normalisation)."""
-    save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run)))
+def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
+                 history: Sequence[dict] = ()) -> None:
+    """Save the final weights with ``run`` (JSON-plain: its "recipe", data, normalisation)
+    and the training ``history``."""
+    save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run), history=list(history)))
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
@@ -1419,7 +1436,7 @@ def plot_receptive_field(table: Any) -> Any:
     ax.set_xlabel("receptive field after the layer (pixels)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles + [plt.Line2D([], [], color="red", ls="--")],
-              [*colors, "rule: RF > 44"], fontsize=9, loc="lower right")
+              [*colors, "rule: RF > 44"], fontsize=9, loc="upper right")
     fig.tight_layout()
     return fig
 
@@ -1886,7 +1903,7 @@ class _RunFolder:
                    f"final_{split}_acc_flip_tta": evaluate(model, batches, tta=True)[1],
                    "median_epoch_seconds": float(np.median([h["seconds"] for h in history])),
                    "median_images_per_s": float(np.median([h["images_per_s"] for h in history]))}
-        save_weights(self.out / "weights.pt", model, dict(meta, **summary))
+        save_weights(self.out / "weights.pt", model, dict(meta, **summary), history)
         _write_atomic(self.out / "summary.json", json.dumps({**meta, **summary}, indent=2).encode())
         print(json.dumps(summary))
         return history

@@ -1,8 +1,9 @@
-"""The notebook: its setup cell, a headless smoke run, and checks of the committed outputs.
+"""The notebook: its setup cell, headless smoke runs (plain and interactive), that it trains
+as the command line does, and checks of the committed outputs.
 
 ``test_committed_notebook_is_a_full_run`` fails while the committed outputs come from a smoke
 run (or are cleared): it passes once the notebook is committed after one full run at 85% or
-more.
+more, made with the parameters a Colab user gets.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ast
 import functools
 import hashlib
 import http.server
+import json
 import re
 import shutil
 import socket
@@ -20,9 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "EVA8_session6.ipynb"
+from conftest import REPO, env, helpers_cmd
+
+NOTEBOOK = REPO / "EVA8_session6.ipynb"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+# What a Colab user gets: the parameters cell as committed.
+COLAB = dict(RECIPE="standard", EPOCHS=None, SEED=0, PRETRAINED=False, SMOKE=False,
+             INTERACTIVE=True, DOWNLOAD=True, DATA_DIR="data")
 
 
 def _nb(path: Path = NOTEBOOK):
@@ -36,16 +42,19 @@ def _cell(nb, tag: str):
     return tagged[0]
 
 
+def _code_with(nb, text: str):
+    found = [c for c in nb.cells if c.cell_type == "code" and text in c.source]
+    assert len(found) == 1, f"expected one code cell holding {text!r}"
+    return found[0]
+
+
 def _outputs(nb) -> list:
     return [o for c in nb.cells for o in c.get("outputs", [])]
 
 
-def _outputs_text(nb) -> str:
-    parts = []
-    for out in _outputs(nb):
-        parts.append(out.get("text", ""))
-        parts.append(out.get("data", {}).get("text/plain", ""))
-    return "\n".join(parts)
+def _text(outputs) -> str:
+    return "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                     for o in outputs)
 
 
 def _write_tiny_folder(root: Path, per_class: int) -> None:
@@ -56,102 +65,171 @@ def _write_tiny_folder(root: Path, per_class: int) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("test", per_class // 2)):
         for name in CIFAR10_CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
+            (root / split / name).mkdir(parents=True)
             for i in range(n):
-                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(img).save(folder / f"{i:04d}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / name / f"{i:04d}.png")
 
 
 def _repository_state() -> tuple:
     """The figures in images/ (name and hash) and, in a git checkout, ``git status``."""
     figures = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest())
-                     for p in (ROOT / "images").glob("*"))
+                     for p in (REPO / "images").glob("*"))
     try:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+                                cwd=REPO, capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         status = None
     return figures, status
 
 
-# --------------------------------------------------------------------------- smoke run
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """Execute the notebook as README says a headless smoke run is made: ``--cwd`` the
-    repository, ``SMOKE`` and ``INTERACTIVE False``, no figures folder named."""
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nbdata") / "data"
+    _write_tiny_folder(root, per_class=60)
+    return root
+
+
+def _smoke(tmp_path_factory, tiny_data, **parameters):
+    """The notebook run as README says a headless smoke run is made (``--cwd`` the
+    repository, ``SMOKE``, no figures folder named), with ``parameters``."""
     papermill = pytest.importorskip("papermill")
-    tmp = tmp_path_factory.mktemp("nb")
-    _write_tiny_folder(tmp / "data", per_class=60)
-    out = tmp / "out.ipynb"
+    out = tmp_path_factory.mktemp("nb") / "out.ipynb"
     before = _repository_state()
-    # No retry: a cell that hangs is a bug (the time-out only keeps CI from waiting forever).
-    papermill.execute_notebook(
-        str(NOTEBOOK), str(out), cwd=str(ROOT), kernel_name="python3", progress_bar=False,
+    papermill.execute_notebook(  # no retry: a cell that hangs is a bug
+        str(NOTEBOOK), str(out), cwd=str(REPO), kernel_name="python3", progress_bar=False,
         execution_timeout=600, start_timeout=120,
-        parameters=dict(DATA_DIR=str(tmp / "data"), DOWNLOAD=False, SMOKE=True,
-                        INTERACTIVE=False))
+        parameters=dict(DATA_DIR=str(tiny_data), DOWNLOAD=False, SMOKE=True, **parameters))
     return _nb(out), before, _repository_state()
 
 
-def test_smoke_run_finishes_without_errors(smoke_run):
-    nb, _, _ = smoke_run
-    assert [o for o in _outputs(nb) if o.output_type == "error"] == []
-    stderr = [o.text for o in _outputs(nb) if o.output_type == "stream" and o.name == "stderr"]
-    assert stderr == []  # no warnings printed
+@pytest.fixture(scope="module")
+def headless(tmp_path_factory, tiny_data):
+    return _smoke(tmp_path_factory, tiny_data, INTERACTIVE=False)
 
 
-def test_smoke_run_produces_key_outputs(smoke_run):
-    nb, _, _ = smoke_run
-    text = _outputs_text(nb)
-    assert "512 training / 256 test images" in text
-    assert "final test accuracy" in text
-    assert "downsampling: C2 downsample" in text  # the rule checklist, one row per layer
-    assert "measured from gradients" in text
-    assert "epoch   1/1" in text  # one log line per epoch
-    assert "lowest possible training loss" in text
-    assert "class SetupError" not in text and "class Net(nn.Module)" in text  # code shown
-    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
-    assert len(images) >= 8
+@pytest.fixture(scope="module")
+def interactive(tmp_path_factory, tiny_data):
+    return _smoke(tmp_path_factory, tiny_data)  # INTERACTIVE as committed: True
 
 
-def test_smoke_run_leaves_the_repository_clean(smoke_run):
+# --------------------------------------------------------------------------- smoke runs
+@pytest.mark.slow
+def test_smoke_runs_finish_without_errors_or_warnings(headless, interactive):
+    for nb, _, _ in (headless, interactive):
+        assert [o for o in _outputs(nb) if o.output_type == "error"] == []
+        assert [o.text for o in _outputs(nb) if o.get("name") == "stderr"] == []
+
+
+@pytest.mark.slow
+def test_smoke_run_shows_what_the_text_promises(headless):
+    nb, _, _ = headless
+    text = _text(_outputs(nb))
+    assert "512 training / 256 test images" in text and "final test accuracy" in text
+    assert "downsampling: C2 downsample" in text and "every rule holds" in text
+    assert "receptive field from the table: 81 pixels; measured from gradients: 81" in text
+    assert "epoch   1/1" in text and "lowest possible training loss" in text
+    shown = _text(_code_with(nb, "getsource(train_step)").outputs)
+    assert "def train_step(" in shown and "def fit(" in shown  # the real code, shown
+    assert "class Net(nn.Module)" in text and "class SetupError" not in text
+    pipeline = _code_with(nb, "plot_pipeline(x_train[:5]").outputs
+    assert any("image/png" in o.get("data", {}) for o in pipeline)
+
+
+@pytest.mark.slow
+def test_the_printed_cutout_fill_is_what_the_pixels_get(headless):
+    import helpers
+    nb, _, _ = headless
+    match = re.search(r"cutout fill \(red, green, blue\) = \((\d+), (\d+), (\d+)\)",
+                      _text(_outputs(nb)))
+    means = re.search(r"red\s+([\d.]+).*\ngreen\s+([\d.]+).*\nblue\s+([\d.]+)",
+                      _text(_code_with(nb, "compute_mean_std(x_train)").outputs))
+    mean = [float(m) for m in means.groups()]
+    cut = helpers.exercise_augmentations(mean, 0, 0, 1, seed=0)(
+        image=np.zeros((32, 32, 3), np.uint8))["image"]
+    assert tuple(int(v) for v in match.groups()) == tuple(int(v) for v in cut.max((0, 1)))
+
+
+@pytest.mark.slow
+def test_smoke_runs_leave_the_repository_clean(headless, interactive):
     """A smoke run never writes figures into images/ (nor anything else into the checkout)."""
-    nb, before, after = smoke_run
-    assert "figures: not saved" in _outputs_text(nb)
-    assert after == before
+    for _, before, after in (headless, interactive):
+        assert after == before
 
 
-def test_headless_run_has_no_widgets_or_noise(smoke_run):
-    nb, _, _ = smoke_run
+@pytest.mark.slow
+def test_headless_run_has_no_widgets_or_noise(headless):
+    nb, _, _ = headless
     assert not [o for o in _outputs(nb) if WIDGET_MIME in o.get("data", {})]
     assert "widgets" not in nb.metadata
-    text = _outputs_text(nb)
+    text = _text(_outputs(nb))
     assert "PosixPath(" not in text and "it/s]" not in text
-    assert "INTERACTIVE is False" in text
+
+
+@pytest.mark.slow
+def test_interactive_run_leaves_text_where_a_progress_bar_was(interactive):
+    """Only the slider stays a widget (with a static figure beside it); a finished progress
+    bar leaves a line of text, so a saved notebook shows no "Error displaying widget"."""
+    nb, _, _ = interactive
+    slider = _cell(nb, "widget").outputs
+    assert [o for o in slider if WIDGET_MIME in o.get("data", {})]
+    assert [o for o in slider if "image/png" in o.get("data", {})]
+    others = [o for c in nb.cells if "widget" not in c.metadata.get("tags", [])
+              for o in c.get("outputs", [])]
+    assert not [o for o in others if WIDGET_MIME in o.get("data", {})]
+    assert re.search(r"epoch 1/1: (\d+)/\1 batches in \d+ s", _text(_code_with(nb, "fit(").outputs))
+
+
+@pytest.mark.slow
+def test_the_notebook_trains_as_the_command_line_does(headless, tiny_data, tmp_path):
+    """The same data, seed and subsets give the same model: the notebook's final accuracy
+    is the command's, to every printed digit."""
+    nb, _, _ = headless
+    res = subprocess.run(helpers_cmd("train", "--data-dir", tiny_data, "--epochs", "1",
+                                     "--train-subset", "512", "--test-subset", "256",
+                                     "--out", tmp_path / "run", "--no-progress"),
+                         env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    text = _text(_outputs(nb))
+    assert f"final test accuracy: {100 * summary['final_test_acc']:.2f}%" in text
+    assert f"with flip TTA: {100 * summary['final_test_acc_flip_tta']:.2f}%" in text
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert f"train loss {log['train_loss']:.3f}" in text
+
+
+@pytest.mark.slow
+def test_pretrained_weights_are_analysed_without_training(tmp_path_factory, tiny_data):
+    weights = sorted((REPO / "weights").glob("*-s0.pt"))
+    assert weights, "no committed weights in weights/"
+    recipe = weights[0].name.split("-s0")[0]
+    nb, before, after = _smoke(tmp_path_factory, tiny_data, INTERACTIVE=False,
+                               PRETRAINED=True, RECIPE=recipe)
+    assert [o for o in _outputs(nb) if o.output_type == "error"] == []
+    text = _text(_outputs(nb))
+    assert f"loaded weights/{recipe}-s0.pt: {recipe}, seed 0" in text and "epoch   1/" not in text
+    assert "loading took" in text and after == before
 
 
 def test_widget_cell_never_runs_its_callback_while_executing(tmp_path):
-    """With INTERACTIVE on, the slider cell finishes headless at once and draws nothing."""
+    """With INTERACTIVE on, the slider cell finishes headless at once: its static figure and
+    the slider, nothing drawn by the slider's callback."""
     import nbformat
     from nbclient import NotebookClient
     setup = "\n".join([
-        "import numpy as np",
-        "import matplotlib.pyplot as plt",
+        "import numpy as np", "import matplotlib.pyplot as plt",
         "from IPython.display import display",
-        "from helpers import exercise_augmentations, plot_augmentations",
+        "from helpers import exercise_augmentations, plot_pipeline",
         "x_train = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)",
-        "pipeline = exercise_augmentations((0.5, 0.5, 0.5), seed=0)",
-        "INTERACTIVE = True",
-    ])
-    widget = _cell(_nb(), "widget").source
+        "pipeline = exercise_augmentations((0.5, 0.5, 0.5), seed=0, record=True)",
+        "INTERACTIVE = True"])
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup),
-                                         nbformat.v4.new_code_cell(widget)])
+                                         nbformat.v4.new_code_cell(_cell(_nb(), "widget").source)])
     NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT)}}).execute()
+                   resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = nb.cells[1].outputs
-    assert any(WIDGET_MIME in o.get("data", {}) for o in outputs)
-    assert not any("image/png" in o.get("data", {}) for o in outputs)
+    assert sum(WIDGET_MIME in o.get("data", {}) for o in outputs) == 1
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1  # the static copy only
 
 
 # --------------------------------------------------------------------------- setup cell
@@ -166,7 +244,7 @@ def served_helpers(tmp_path):
     """helpers.py served over HTTP on 127.0.0.1; yields its URL."""
     served = tmp_path / "served"
     served.mkdir()
-    shutil.copy(ROOT / "helpers.py", served / "helpers.py")
+    shutil.copy(REPO / "helpers.py", served / "helpers.py")
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -174,8 +252,7 @@ def served_helpers(tmp_path):
 
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/helpers.py"
     server.shutdown()
     server.server_close()
@@ -185,12 +262,11 @@ def _run_setup_cell(folder: Path, url: str, then: str | None = None):
     """Run the notebook's setup cell, with HELPERS_URL set to ``url``, in ``folder``."""
     import nbformat
     from nbclient import NotebookClient
-    source = _cell(_nb(), "setup").source
-    source, n = re.subn(r"^HELPERS_URL = .*$", f"HELPERS_URL = {url!r}", source, flags=re.M)
+    source, n = re.subn(r"^HELPERS_URL = .*$", f"HELPERS_URL = {url!r}",
+                        _cell(_nb(), "setup").source, flags=re.M)
     assert n == 1
-    cells = [nbformat.v4.new_code_cell(source)]
-    if then:
-        cells.append(nbformat.v4.new_code_cell(then))
+    cells = [nbformat.v4.new_code_cell(source)] + ([nbformat.v4.new_code_cell(then)] if then
+                                                   else [])
     nb = nbformat.v4.new_notebook(cells=cells)
     NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(folder)}}).execute()
@@ -203,8 +279,8 @@ def test_setup_cell_fetches_helpers_when_missing(tmp_path, served_helpers):
     nb = _run_setup_cell(folder, served_helpers,
                          then="import helpers\nprint('imported', helpers.__file__)")
     assert [o for o in _outputs(nb) if o.output_type == "error"] == []
-    assert (folder / "helpers.py").read_bytes() == (ROOT / "helpers.py").read_bytes()
-    text = _outputs_text(nb)
+    assert (folder / "helpers.py").read_bytes() == (REPO / "helpers.py").read_bytes()
+    text = _text(_outputs(nb))
     assert "fetched helpers.py from " + served_helpers in text
     assert f"imported {folder / 'helpers.py'}" in text
 
@@ -213,17 +289,26 @@ def test_setup_cell_ends_with_a_clear_message_when_the_fetch_fails(tmp_path):
     folder = tmp_path / "fresh"
     folder.mkdir()
     dead = f"http://127.0.0.1:{_free_port()}/helpers.py"
-    nb = _run_setup_cell(folder, dead)
-    errors = [o for o in _outputs(nb) if o.output_type == "error"]
-    assert len(errors) == 1
-    err = errors[0]
-    assert err.ename == "SetupError"
-    assert len(err.traceback) == 1  # the message alone, no traceback
-    message = err.traceback[0]
+    errors = [o for o in _outputs(_run_setup_cell(folder, dead)) if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "SetupError"
+    assert len(errors[0].traceback) == 1  # the message alone, no traceback
+    message = errors[0].traceback[0]
     assert message.startswith("Setup stopped: helpers.py is not in")
     assert dead in message and "Put helpers.py from https://github.com/" in message
-    assert "Traceback" not in message
     assert not (folder / "helpers.py").exists()
+
+
+def test_setup_cell_names_what_this_kernel_lacks(tmp_path):
+    """A Jupyter whose kernel lacks torch stops at setup with one message saying so."""
+    source = _cell(_nb(), "setup").source.replace('("torch",', '("no_such_module_here", "torch",')
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for o in _outputs(nb) if o.output_type == "error"]
+    assert len(errors) == 1 and "lacks no_such_module_here" in errors[0].traceback[0]
+    assert "pip install -r requirements.txt" in errors[0].traceback[0]
 
 
 def _github_repo() -> str:
@@ -233,29 +318,29 @@ def _github_repo() -> str:
 
 
 def test_repository_address_is_the_same_everywhere():
-    repo = _github_repo()
     badge = re.compile(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/")
-    readme = badge.findall((ROOT / "README.md").read_text())
+    readme = badge.findall((REPO / "README.md").read_text())
     first_cell = badge.findall(_nb().cells[0].source)
-    assert readme and first_cell
-    assert set(readme) == set(first_cell) == {repo}
-    assert "{GITHUB_REPO}" in _cell(_nb(), "setup").source.split("HELPERS_URL = ")[1]
+    assert readme and first_cell and set(readme) == set(first_cell) == {_github_repo()}
 
 
 # --------------------------------------------------------------------------- notebook source
-def test_parameters_cell_names_and_units():
-    cell = _cell(_nb(), "parameters")
-    lines = [ln for ln in cell.source.splitlines() if ln and not ln.startswith("#")]
-    names = [ln.split("=")[0].strip() for ln in lines]
-    assert names[:1] == ["RECIPE"]
-    assert {"SMOKE", "EPOCHS", "FIGURES_DIR", "INTERACTIVE", "SEED", "DATA_DIR"} <= set(names)
-    assert all(n.isupper() for n in names)
-    assert all("#" in ln for ln in lines)  # every parameter says what it is
+def _parameters(nb) -> dict:
+    tree = ast.parse(_cell(nb, "parameters").source)
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body}
+
+
+def test_parameters_cell_names_units_and_colabs_values():
+    nb = _nb()
+    lines = [ln for ln in _cell(nb, "parameters").source.splitlines() if ln.strip()]
+    assert all(ln.split("=")[0].strip().isupper() and "#" in ln for ln in lines)
+    params = _parameters(nb)
+    assert {k: params[k] for k in COLAB} == COLAB
+    assert not [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
 
 
 def test_one_import_cell_and_no_unused_imports():
-    nb = _nb()
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = [c.source for c in _nb().cells if c.cell_type == "code"]
     helper_imports = [s for s in code if "from helpers import" in s]
     assert len(helper_imports) == 1
     imports = helper_imports[0]
@@ -265,18 +350,17 @@ def test_one_import_cell_and_no_unused_imports():
              if isinstance(node, is_import) for a in node.names]
     rest = "\n".join([s for s in code if s is not imports]
                      + [ast.unparse(n) for n in tree.body if not isinstance(n, is_import)])
-    unused = [n for n in names if not re.search(rf"\b{re.escape(n)}\b", rest)]
-    assert unused == []
+    assert [n for n in names if not re.search(rf"\b{re.escape(n)}\b", rest)] == []
 
 
-def test_structure_markdown_before_code_seed_and_about_last():
-    cells = [c for c in _nb().cells if "injected-parameters" not in c.metadata.get("tags", [])]
+def test_structure_and_one_cell_building_the_model_that_trains():
+    cells = _nb().cells
     assert all(prev.cell_type == "markdown" for prev, c in zip(cells, cells[1:])
                if c.cell_type == "code")
     code = [c.source for c in cells if c.cell_type == "code"]
-    assert code.count("set_seed(SEED)") == 2  # in cells of their own
-    train = next(i for i, s in enumerate(code) if "fit(" in s)
-    assert code[train - 1] == "set_seed(SEED)"
+    built = [s for s in code if re.search(r"^model = ", s, flags=re.M)]
+    assert len(built) == 1 and built[0].startswith("set_seed(SEED)\nmodel = build_model(")
+    assert not [s for s in code if "assert " in s]  # a failed rule is reported, not raised
     assert cells[-1].cell_type == "code" and "about" in cells[-1].source
     assert cells[-2].source.startswith("## About this run")
     headings = [c.source.split("\n")[0] for c in cells if c.cell_type == "markdown"
@@ -286,16 +370,21 @@ def test_structure_markdown_before_code_seed_and_about_last():
     assert "Summary and exercises" in numbered[-1]
 
 
+def test_each_exercise_names_the_cell_to_change_and_what_to_look_at():
+    text = next(c.source for c in _nb().cells if c.source.startswith("## 9. Summary"))
+    exercises = re.split(r"\n\d\. ", text.split("**Exercises**")[1])[1:]
+    assert len(exercises) >= 5
+    for ex in exercises:
+        assert re.search(r"\*[A-Z][a-z]+ cell\*", ex) and re.search(r"[Ll]ook at", ex), ex
+
+
 def test_notebook_speaks_of_old_argument_names_consistently():
     """Everywhere: since 2.0, an old argument name is ignored with only a warning."""
     import helpers
     text = "\n".join(c.source for c in _nb().cells)
-    assert "ignored with only a warning" in text
-    assert "keep_ratio=True" in text
     notes = " ".join(row[2] for row in helpers.AUGMENTATION_MAPPING)
-    assert "ignored with only a warning" in notes
-    for wrong in ("old ones fail silently", "2.x ignores the old names"):
-        assert wrong not in text and wrong not in notes
+    assert "ignored with only a warning" in text and "ignored with only a warning" in notes
+    assert "keep_ratio=True" in text
 
 
 # --------------------------------------------------------------------------- committed outputs
@@ -314,29 +403,39 @@ def test_committed_notebook_has_no_errors_or_stderr():
 def test_committed_notebook_has_no_noise():
     nb = _nb()
     assert "widgets" not in nb.metadata  # no stale progress-bar or slider state
-    assert not [o for o in _outputs(nb) if WIDGET_MIME in o.get("data", {})]
-    text = _outputs_text(nb)
+    widgets = [c for c in nb.cells if any(WIDGET_MIME in o.get("data", {})
+                                          for o in c.get("outputs", []))]
+    assert widgets == [_cell(nb, "widget")]  # the slider only, beside its static figure
+    text = _text(_outputs(nb))
     assert "PosixPath(" not in text and "it/s]" not in text
 
 
-def test_committed_notebook_has_parameters_cell_and_no_local_paths():
+def test_committed_notebook_has_no_local_paths():
     nb = _nb()
-    _cell(nb, "parameters")
-    text = _outputs_text(nb) + "".join(c.source for c in nb.cells)
-    for local in ("/work/", "/tmp/", "/root/", "/home/", str(ROOT)):
+    text = _text(_outputs(nb)) + "".join(c.source for c in nb.cells)
+    for local in ("/work/", "/tmp/", "/root/", "/home/", str(REPO)):
         assert local not in text
 
 
-def test_committed_notebook_is_a_full_run():
-    """Fails until the committed outputs come from one full run at 85% or more.
+def _about() -> str:
+    return "".join(o.get("text", "") for o in _nb().cells[-1].get("outputs", []))
 
-    Reads "About this run", the notebook's last output: not a smoke run, all 10,000 test
-    images, final test accuracy of at least 85%.
-    """
-    about = "".join(o.get("text", "") for o in _nb().cells[-1].get("outputs", []))
+
+def test_committed_notebook_is_a_full_run():
+    """Fails until the committed outputs come from one full run at 85% or more."""
+    about = _about()
     assert about, "the committed notebook has no 'About this run' output: run it in full"
-    assert "smoke run: False" in about, ("the committed outputs come from a smoke run: "
-                                         "commit the notebook after a full run")
-    assert re.search(r"/ 10,000 test images", about), "not evaluated on the whole test set"
+    assert "smoke run: False" in about, "the committed outputs come from a smoke run"
+    assert "pretrained False" in about and "/ 10,000 test images" in about
     match = re.search(r"final test accuracy: ([\d.]+)%", about)
     assert match and float(match.group(1)) >= 85.0, about
+
+
+def test_the_texts_figures_agree_with_the_run_and_readme():
+    nb = _nb()
+    minutes = re.search(r"that took (\d+) minutes", nb.cells[0].source)
+    trained = re.search(r"training time: ([\d.]+) min", _about())
+    assert minutes and trained and int(minutes.group(1)) == round(float(trained.group(1)))
+    results = next(c.source for c in nb.cells if c.source.startswith("## 8. Results"))
+    spread = re.search(r"ended at ([\d.]+ ± [\d.]+)%", results)
+    assert spread and spread.group(1) in (REPO / "README.md").read_text()

@@ -344,7 +344,7 @@ def test_save_weights_and_load_model_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert not loaded.training and state["run"]["seed"] == 3
-    assert set(state) == {"model", "run"}
+    assert set(state) == {"model", "run", "history"} and state["history"] == []
 
 
 def test_failed_save_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
