@@ -1,11 +1,9 @@
 """Helpers for the EVA8 session-6 exercise: a compact CIFAR-10 CNN under the exercise's rules.
 
-Read in order, as the notebook teaches: the recipe (every setting, declared once), setup,
-data, augmentation, loaders, the model, the rules and the receptive field, training,
-checkpoints and resume, reports and plots, a speed benchmark, and the command line
-(``python helpers.py train``, ``evaluate`` or ``bench``).
-
-Importing this module does nothing but define names: no download, no seeding, no plotting.
+Sections, in the order the notebook teaches them: the recipe, setup, data, augmentation,
+loaders, model, rules and receptive field, training, checkpoints, reports and plots, benchmark
+and the command line (``python helpers.py train|evaluate|bench``). Importing it only defines
+names: no download, no seeding, no plotting.
 """
 from __future__ import annotations
 
@@ -31,25 +29,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
-    "Recipe", "RECIPES", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD",
-    "get_device", "set_seed",
-    "CifarData", "load_cifar10", "subset", "split_train_val", "compute_mean_std",
-    "AUGMENTATION_MAPPING", "exercise_augmentations", "EpochAugment",
-    "EpochSampler", "CifarDataset", "TensorBatches", "to_input", "make_loaders",
-    "InputNorm", "ConvBNAct", "DepthwiseSeparable", "Residual", "Net", "build_model",
-    "count_parameters", "count_macs",
-    "receptive_field_table", "empirical_receptive_field", "check_rules",
-    "Training", "start_training", "train_step", "train_one_epoch", "fit", "format_row",
-    "fold_batchnorm", "predict_logits", "evaluate",
-    "CheckpointError", "save_checkpoint", "load_model", "save_weights",
-    "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs", "class_report",
-    "grad_cam", "plot_samples", "plot_augmentation_rows", "plot_pipeline", "plot_history",
-    "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field",
-    "figures_folder", "save_figure", "bench", "bench_table", "main",
+    "Recipe", "RECIPES", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "get_device",
+    "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val", "compute_mean_std",
+    "AUGMENTATION_MAPPING", "exercise_augmentations", "EpochAugment", "EpochSampler",
+    "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
+    "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
+    "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
+    "start_training", "train_step", "train_one_epoch", "fit", "format_row", "predict_logits",
+    "evaluate", "CheckpointError", "WriteError", "save_checkpoint", "save_weights",
+    "load_model", "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs",
+    "class_report", "grad_cam", "plot_samples", "plot_pipeline", "plot_history",
+    "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field", "figures_folder",
+    "save_figure", "bench", "bench_table", "main",
 ]
 
 
@@ -59,9 +53,7 @@ def _setting(default: Any, help: str, words: str, ok: Callable[[Any], bool],
     """A Recipe field: its default, what it means (with its unit) and the values it accepts."""
     return field(default=default, metadata=dict(help=help, words=words, ok=ok, metavar=metavar))
 
-
 _PROBABILITY = ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -108,9 +100,8 @@ class Recipe:
                     and meta["ok"](value)):
                 raise ValueError(f"Recipe.{f.name}: expected {meta['words']}, got {value!r}")
 
-
-# "standard": the notebook's default; "accurate": the same net trained 50 epochs; "fast": 10
-# epochs of a net with no block at 32x32; "small": under 50,000 parameters, trained longer.
+# "standard": the notebook's default; "accurate": its net for 50 epochs; "fast": 10 epochs of a
+# net without the block at 32x32; "small": under 50,000 parameters, trained longer.
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(),
     "accurate": Recipe(epochs=50),
@@ -133,14 +124,12 @@ def get_device(verbose: bool = True) -> torch.device:
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         device, msg = torch.device("mps"), "Using Apple GPU (MPS)"
     else:
-        device = torch.device("cpu")
-        msg = ("No GPU found: training on the CPU is slow (an epoch of the default recipe "
-               "takes 2 to 5 minutes on 2 cores). In Colab choose Runtime > Change runtime "
-               "type > GPU.")
+        device, msg = torch.device("cpu"), (
+            "No GPU found: training on the CPU is slow (an epoch of the default recipe takes 2 "
+            "to 5 minutes on 2 cores). In Colab choose Runtime > Change runtime type > GPU.")
     if verbose:
         print(msg)
     return device
-
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch."""
@@ -148,7 +137,6 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
 
 def _derive_seed(*values: int) -> int:
     """A 32-bit seed that is a pure function of ``values`` (e.g. a base seed and an epoch)."""
@@ -167,7 +155,6 @@ class CifarData:
     classes: tuple[str, ...]
     source: str = ""
 
-
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and NumPy arrays only: no other code runs."""
 
@@ -181,75 +168,39 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"holds a {module}.{name} object, not plain arrays")
         return super().find_class(module, name)
 
-
-def _read_pickle(path: Path) -> dict:
-    """Read one CIFAR-10 batch file (arrays and lists only), naming the file on any error."""
+def _read_pickle(path: Path, read: Callable[[dict], Any]) -> Any:
+    """``read`` applied to one batch file's dict (arrays and lists only), naming the file."""
     try:
         with open(path, "rb") as f:
-            d = _ArrayUnpickler(f, encoding="bytes").load()
+            return read(_ArrayUnpickler(f, encoding="bytes").load())
     except EOFError:
         raise ValueError(f"Cannot read {path}: the file is empty or truncated") from None
-    except (OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, MemoryError) as e:
-        raise ValueError(f"Cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"Cannot read {path}: it holds a {type(d).__name__}, not a batch dict")
-    return d
+    except (OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError) as e:
+        raise ValueError(f"Cannot read {path} as a CIFAR-10 batch ({type(e).__name__}: {e})"
+                         ) from None
 
-
-def _read_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) and labels of the named batch files, checked against each other."""
-    xs, ys = [], []
-    for path in (folder / name for name in names):
-        d = _read_pickle(path)
-        try:
-            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{path} is not a CIFAR-10 batch (data and labels): {e}") from None
-        if len(x) != len(y):
-            raise ValueError(f"{path} holds {len(x)} images but {len(y)} labels")
-        xs.append(x)
-        ys.append(y)
-    return np.concatenate(xs).transpose(0, 2, 3, 1).copy(), np.concatenate(ys)
-
+def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"it holds {len(x)} images but {len(y)} labels")
+    return x, y
 
 def _load_batches(folder: Path) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder."""
-    x_tr, y_tr = _read_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
-    x_te, y_te = _read_batches(folder, ["test_batch"])
-    classes, meta = CIFAR10_CLASSES, folder / "batches.meta"
+    arrays = []
+    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
+        x, y = zip(*(_read_pickle(folder / name, _batch) for name in names))
+        arrays += [np.concatenate(x).transpose(0, 2, 3, 1).copy(), np.concatenate(y)]
+    meta, classes = folder / "batches.meta", CIFAR10_CLASSES
     if meta.exists():
-        try:
-            classes = tuple(n.decode() for n in _read_pickle(meta)[b"label_names"])
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{meta} has no list of label names: {e}") from None
-    return CifarData(x_tr, y_tr, x_te, y_te, classes, f"batches folder {folder.name}")
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
+        classes = _read_pickle(meta, lambda d: tuple(n.decode() for n in d[b"label_names"]))
+    return CifarData(*arrays, classes, f"batches folder {folder.name}")
 
 def _visible(folder: Path) -> list[Path]:
     """Entries of ``folder`` whose names do not start with "." (.ipynb_checkpoints, ._x.jpg)."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def _list_split(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
-    """Every image file of one split with its label; anything that is not read is refused."""
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for p in _visible(split_dir / name):
-            if p.is_dir():
-                raise ValueError(f"{p} is a folder inside a class folder: its images would "
-                                 "not be read; move them into the class folder")
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(f"{p} is not a PNG or JPEG file, so it would not be read: "
-                                 "convert or remove it")
-            files.append(p)
-            labels.append(label)
-    return files, labels
-
 
 def _read_image(path: Path) -> np.ndarray:
     """Decode one 32x32 RGB image, naming the file if it is corrupt or wrongly sized."""
@@ -263,62 +214,46 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
     return arr
 
-
 def _load_image_folder(root: Path) -> CifarData:
-    """Read an image-folder tree ``train/<class>/*`` and ``test/<class>/*``."""
-    found = {}
-    for split in ("train", "test"):
-        stray = [p for p in _visible(root / split) if not p.is_dir()]
-        if stray:
-            raise ValueError(f"{stray[0]} is a file where only class folders belong")
-        found[split] = [p.name for p in _visible(root / split)]
-    classes = found["train"]
+    """Read ``train/<class>/*`` and ``test/<class>/*``; anything that would not be read (a
+    stray file, a sub-folder, another format) is refused, since skipping it changes the task."""
+    found = {split: _visible(root / split) for split in ("train", "test")}
+    for p in (p for entries in found.values() for p in entries if not p.is_dir()):
+        raise ValueError(f"{p} is a file where only class folders belong")
+    classes = [p.name for p in found["train"]]
     if not classes:
         raise ValueError(f"{root}/train holds no class folders. " + _HOW_TO_GET_DATA)
-    if found["test"] != classes:
-        only_tr = sorted(set(classes) - set(found["test"])) or "none"
-        only_te = sorted(set(found["test"]) - set(classes)) or "none"
+    if [p.name for p in found["test"]] != classes:
+        only_tr = sorted(set(classes) - {p.name for p in found["test"]}) or "none"
+        only_te = sorted({p.name for p in found["test"]} - set(classes)) or "none"
         raise ValueError(f"{root}/train and {root}/test hold different class folders: "
                          f"only in train: {only_tr}; only in test: {only_te}")
-    (f_tr, y_tr), (f_te, y_te) = (_list_split(root / s, classes) for s in ("train", "test"))
-    x_tr, x_te = (np.stack([_read_image(p) for p in f]) if f else np.zeros((0, 32, 32, 3),
-                  np.uint8) for f in (f_tr, f_te))
-    return CifarData(x_tr, np.asarray(y_tr, np.int64), x_te, np.asarray(y_te, np.int64),
-                     tuple(classes), f"image folder {root.name}")
-
-
-def _check_classes(data: CifarData, root: Path) -> CifarData:
-    """Every class needs images in both splits, and every label a class: else the task changes."""
-    for split, y in (("train", data.y_train), ("test", data.y_test)):
-        if len(y) and not 0 <= y.min() <= y.max() < len(data.classes):
-            raise ValueError(f"{root}: {split} labels run from {y.min()} to {y.max()}, but "
-                             f"there are {len(data.classes)} classes")
-        counts = np.bincount(y, minlength=len(data.classes))
-        empty = [c for c, n in zip(data.classes, counts) if n == 0]
-        if empty:
-            raise ValueError(f"{root}: the {split} split has no images of class "
-                             f"{', '.join(map(repr, empty))}; every class needs images in "
-                             "both splits")
-    return data
-
-
-def _find_layout(root: Path) -> tuple[str, Path] | None:
-    """Return which supported layout ``root`` holds, or None."""
-    for cand in (root / "cifar-10-batches-py", root):
-        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
-            return "batches", cand
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return "folder", root
-    return None
-
+    files = {split: [(p, label) for label, name in enumerate(classes)
+                     for p in _visible(root / split / name)] for split in found}
+    for p, _ in files["train"] + files["test"]:
+        if p.is_dir() or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            what = "a folder inside a class folder" if p.is_dir() else "not a PNG or JPEG file"
+            raise ValueError(f"{p} is {what}, so it would not be read: move, convert or remove it")
+    arrays = []
+    for split in ("train", "test"):
+        images = [_read_image(p) for p, _ in files[split]]
+        arrays += [np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8),
+                   np.asarray([label for _, label in files[split]], np.int64)]
+    return CifarData(*arrays, tuple(classes), f"image folder {root.name}")
 
 _HOW_TO_GET_DATA = (
-    "Accepted layouts: (a) torchvision's download (pass download=True), (b) an official "
-    "'cifar-10-batches-py' folder (data_batch_1..5, test_batch) inside the folder or as the "
-    "folder itself, (c) an image-folder tree train/<class>/*.png|jpg and test/<class>/*. "
-    "Get the data from https://www.cs.toronto.edu/~kriz/cifar.html or unpack "
-    "cifar10-jpeg.tar.gz into the folder.")
+    "Accepted layouts: (a) torchvision's download (download=True), (b) an official "
+    "'cifar-10-batches-py' folder (data_batch_1..5, test_batch) in the folder or as it, (c) an "
+    "image-folder tree train/<class>/*.png|jpg and test/<class>/*. Get the data from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html or unpack cifar10-jpeg.tar.gz there.")
 
+def _find_layout(root: Path) -> tuple[Callable[[Path], CifarData], Path] | None:
+    """The reader of the layout ``root`` holds, and where; or None."""
+    for cand in (root / "cifar-10-batches-py", root):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return _load_batches, cand
+    return (_load_image_folder, root) if (root / "train").is_dir() and \
+        (root / "test").is_dir() else None
 
 def _download(root: Path, timeout: float) -> None:
     """Download CIFAR-10 with torchvision into ``root``; a silent server fails after timeout s."""
@@ -327,25 +262,21 @@ def _download(root: Path, timeout: float) -> None:
     socket.setdefaulttimeout(timeout)  # torchvision's urlopen calls take no timeout of their own
     try:
         root.mkdir(parents=True, exist_ok=True)
-        CIFAR10(str(root), train=True, download=True)
-        CIFAR10(str(root), train=False, download=True)
+        for train in (True, False):
+            CIFAR10(str(root), train=train, download=True)
     except Exception as e:  # network and disk errors come in many types
-        timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None),
-                                                              TimeoutError)
+        timed_out = TimeoutError in (type(e), type(getattr(e, "reason", None)))
         why = f"the server sent nothing for {timeout:g} s" if timed_out else str(e)
         raise RuntimeError(f"Downloading CIFAR-10 into {root} failed: {why}. "
                            + _HOW_TO_GET_DATA) from e
     finally:
         socket.setdefaulttimeout(old)
 
-
 def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
                  timeout: float = 60.0) -> CifarData:
-    """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked.
-
-    Names starting with "." are skipped; anything else that would not be read is refused, as
-    is a class without images in either split. ``timeout`` (seconds) bounds each network wait.
-    """
+    """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked
+    (``timeout``: seconds of silence before a download gives up). Hidden names are skipped;
+    a class without images in a split is refused."""
     root = Path(data_dir).expanduser()
     found = _find_layout(root) if root.is_dir() else None
     if found is None and download:
@@ -353,10 +284,18 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
         found = _find_layout(root)
     if found is None:
         raise FileNotFoundError(f"No CIFAR-10 data found in {root.resolve()}. " + _HOW_TO_GET_DATA)
-    kind, path = found
-    return _check_classes(_load_batches(path) if kind == "batches" else _load_image_folder(path),
-                          path)
-
+    data = found[0](found[1])
+    for split, y in (("train", data.y_train), ("test", data.y_test)):
+        if len(y) and not 0 <= y.min() <= y.max() < len(data.classes):
+            raise ValueError(f"{found[1]}: {split} labels run from {y.min()} to {y.max()}, but "
+                             f"there are {len(data.classes)} classes")
+        empty = [c for c, n in zip(data.classes, np.bincount(y, minlength=len(data.classes)))
+                 if n == 0]  # a class missing from a split changes the task
+        if empty:
+            raise ValueError(f"{found[1]}: the {split} split has no images of class "
+                             f"{', '.join(map(repr, empty))}; every class needs images in "
+                             "both splits")
+    return data
 
 def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0
            ) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +306,6 @@ def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0
         return x, y
     idx = np.random.default_rng(seed).permutation(len(x))[:n]
     return x[idx], y[idx]
-
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -381,7 +319,6 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, see
                          f"{'validation' if n_val == 0 else 'training'} split")
     val, tr = idx[:n_val], idx[n_val:]
     return x[tr], y[tr], x[val], y[val]
-
 
 def compute_mean_std(images: np.ndarray, chunk: int = 10_000
                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -405,10 +342,8 @@ AUGMENTATION_MAPPING = [
     ("ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=15)",
      "Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15), "
      "keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101)",
-     "ShiftScaleRotate drew one scale factor for both axes; Affine draws one per axis unless "
-     "keep_ratio=True. ShiftScaleRotate's border was reflect-101; Affine's is black, so the "
-     "border is set explicitly. Since 2.0 ShiftScaleRotate is a special case of Affine that "
-     "warns to use Affine"),
+     "ShiftScaleRotate drew one scale factor for both axes (Affine: keep_ratio=True) and "
+     "reflected the border (Affine: black unless set); since 2.0 it is an Affine that warns"),
     ("CoarseDropout(max_holes=1, max_height=16, max_width=16, min_holes=1, "
      "min_height=16, min_width=16, fill_value=mean, mask_fill_value=None)",
      "CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), "
@@ -418,7 +353,6 @@ AUGMENTATION_MAPPING = [
      "apply (1-2 holes of 10-20% of the side, filled black). The fill is in pixel units "
      "because the hole is cut before normalisation"),
 ]
-
 
 def exercise_augmentations(mean: Sequence[float], p_flip: float = Recipe.p_flip,
                            p_affine: float = Recipe.p_affine,
@@ -436,15 +370,10 @@ def exercise_augmentations(mean: Sequence[float], p_flip: float = Recipe.p_flip,
                         hole_width_range=(16, 16), fill=fill, fill_mask=None, p=p_dropout),
     ], seed=seed, save_applied_params=record)
 
-
 class EpochAugment:
-    """``augment`` whose random stream restarts at every epoch from (seed, epoch).
-
-    The epoch sits in shared memory, so persistent loader workers (which hold copies of this
-    object) see each ``set_epoch`` made in the main process; each worker gets its own seed
-    through ``set_random_seed``. A run resumed at any epoch draws what an uninterrupted one
-    would.
-    """
+    """``augment`` whose random stream restarts every epoch from (seed, epoch), so that a
+    resumed run draws what an uninterrupted one would; the epoch sits in shared memory, where
+    persistent loader workers (each seeded by ``set_random_seed``) see it."""
 
     def __init__(self, augment: Any, seed: int) -> None:
         self.augment = augment
@@ -469,11 +398,8 @@ class EpochAugment:
 
 # =========================================================================== loaders
 class EpochSampler(Sampler):
-    """A random order of ``n`` indices that is a pure function of (seed, epoch).
-
-    Each pass uses the epoch given to ``set_epoch`` (then counts on by one), so a run resumed
-    at epoch k sees the same orders from k on as one that never stopped.
-    """
+    """A random order of ``n`` indices that is a pure function of (seed, epoch): a run resumed
+    at epoch k sees the orders an uninterrupted one would (each pass counts the epoch on)."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -490,13 +416,9 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
         yield from torch.randperm(self.n, generator=g).tolist()
 
-
 class CifarDataset(Dataset):
-    """uint8 images (N, 32, 32, 3) and labels; items are uint8 HWC tensors after ``transform``.
-
-    Loader workers only run the albumentations pipeline; the conversion to float, the
-    normalisation and the channels-last layout happen on the device, in whole batches.
-    """
+    """uint8 images (N, 32, 32, 3) and labels; items are uint8 HWC tensors after ``transform``
+    (float conversion and normalisation happen later, on the device, in whole batches)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray,
                  transform: Callable | None = None) -> None:
@@ -511,54 +433,40 @@ class CifarDataset(Dataset):
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
 
-
 class TensorBatches:
-    """Fixed images held as one uint8 tensor (on the device where given), served in batches."""
+    """Fixed images as one uint8 tensor on ``device``, in batches (128 on a CPU, else 1,000)."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                 batch_size: int = 1000, device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", batch_size: int | None = None) -> None:
         self.images = torch.as_tensor(images).to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        self.batch_size = batch_size or (128 if torch.device(device).type == "cpu" else 1000)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.images), self.batch_size):
             yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
 
-
 def _channels_last(device: torch.device) -> bool:
     """Whether to use the channels-last memory layout: faster on CPUs and CUDA GPUs."""
     return device.type in ("cpu", "cuda")
-
 
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A uint8 NHWC batch to a float NCHW batch on ``device`` (channels-last where faster)."""
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if _channels_last(device) else x.contiguous()
 
-
 def _seed_worker(worker_id: int) -> None:
     """Give each loader worker its own augmentation stream, derived from torch's seed."""
     info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-
+    if hasattr(info.dataset.transform, "set_random_seed"):
+        info.dataset.transform.set_random_seed(info.seed % 2 ** 32)
 
 def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int,
                  device: torch.device | str, seed: int, num_workers: int | None = None
                  ) -> tuple[DataLoader, TensorBatches]:
-    """Training loader (shuffled, drops the last partial batch) and the test set as a tensor.
-
-    The order of each epoch and the workers' seeds derive from ``seed`` alone. Workers: up to
-    8 on CUDA; none on a CPU, where the training threads already use every core.
-    """
+    """Training loader (shuffled by ``seed`` and the epoch alone, drops a last partial batch)
+    and the test set as a tensor. Workers: up to 8 on CUDA, none on a CPU (its training
+    threads already use every core)."""
     device = torch.device(device)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -568,15 +476,11 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int,
                        worker_init_fn=_seed_worker,
                        generator=torch.Generator().manual_seed(_derive_seed(seed, -1)),
                        prefetch_factor=4 if num_workers > 0 else None)
-    # Small test batches keep a CPU's activations in cache; large ones feed a GPU.
-    test = TensorBatches(test_ds.images, test_ds.labels,
-                         128 if device.type == "cpu" else 1000, device)
-    return train, test
+    return train, TensorBatches(test_ds.images, test_ds.labels, device)
 
 
 # =========================================================================== model
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
-
 
 class InputNorm(nn.Module):
     """Raw pixel values (0..255, uint8 or float) to ``(x / 255 - mean) / std`` per channel."""
@@ -591,7 +495,6 @@ class InputNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.scale + self.shift
 
-
 class ConvBNAct(nn.Sequential):
     """kxk convolution, BatchNorm, activation; padding keeps the size at stride 1."""
 
@@ -601,20 +504,15 @@ class ConvBNAct(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False),
                          nn.BatchNorm2d(cout), ACTIVATIONS[act]())
 
-
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation.
-
-    Nothing sits between the two convs (the factorised conv of Xception): together they are
-    one kxk conv with far fewer parameters and multiply-adds.
-    """
+    """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation:
+    one factorised kxk conv (as in Xception), with far fewer parameters and multiply-adds."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
                  act: str = Recipe.act) -> None:
         super().__init__(nn.Conv2d(cin, cin, k, stride, (k - 1) // 2, groups=cin, bias=False),
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          ACTIVATIONS[act]())
-
 
 class Residual(nn.Module):
     """``x + body(x)``: an identity skip around a same-size block."""
@@ -625,7 +523,6 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
-
 
 class Net(nn.Module):
     """C1 C2 C3 C4, then global average pooling and a linear layer; no MaxPool.
@@ -669,17 +566,14 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.gap(self.features(x)))
 
-
 def build_model(recipe: Recipe, num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
                 std: Sequence[float] = CIFAR10_STD) -> Net:
     """The recipe's ``Net`` (widths, depths, activation)."""
     return Net(recipe.widths, recipe.depths, num_classes, recipe.act, mean, std)
 
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (frozen ones included)."""
     return sum(p.numel() for p in model.parameters())
-
 
 def _trace_layers(model: nn.Module, input_size: int = 32) -> list[dict]:
     """Run one forward pass and record each conv, pool and linear layer in execution order."""
@@ -696,14 +590,12 @@ def _trace_layers(model: nn.Module, input_size: int = 32) -> list[dict]:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size,
-                              device=next(model.parameters()).device))
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return records
-
 
 def count_macs(model: nn.Module, input_size: int = 32) -> int:
     """Multiply-accumulates of one forward pass per image (convolutions and linear layers)."""
@@ -722,18 +614,13 @@ def count_macs(model: nn.Module, input_size: int = 32) -> int:
 def _pair(v: Any) -> int:
     return v[0] if isinstance(v, tuple) else v
 
-
 def _block_of(name: str) -> str:
     head = name.split(".")[0]
     return head.upper() if head in ("c1", "c2", "c3", "c4") else "-"
 
-
 def _layer_label(model: nn.Module, name: str) -> str:
-    """A readable name for the layer at ``name`` in a ``Net`` ("residual 1, conv 2").
-
-    Stems, downsamplers, residual blocks and the two halves of a depthwise separable conv
-    are named by what they are; layers of other models keep their module path.
-    """
+    """A readable name for the layer at ``name`` in a ``Net`` ("residual 1, conv 2"); layers
+    of other models keep their module path."""
     parts = name.split(".")
     if len(parts) < 2 or _block_of(name) == "-":
         return name
@@ -758,14 +645,10 @@ def _layer_label(model: nn.Module, name: str) -> str:
         parent, prev = child, key
     return ", ".join(words) or name
 
-
 def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
-    """RF table from the model's real conv/pool layers in the order they run.
-
-    For each layer with kernel k, dilation d, stride s and padding p (effective kernel
-    k_eff = d(k-1)+1): n_out = floor((n_in + 2p - k_eff)/s) + 1, rf_out = rf_in + (k_eff-1)*j_in,
-    j_out = j_in*s. With identity skips only, the longest path is the chain of convs.
-    """
+    """RF table from the model's conv and pool layers in the order they run: for kernel k,
+    dilation d, stride s, padding p, k_eff = d(k-1)+1, n_out = floor((n_in + 2p - k_eff)/s) + 1,
+    rf_out = rf_in + (k_eff-1)*j_in, j_out = j_in*s (identity skips: the chain of convs)."""
     import pandas as pd
     rows, n, j, r = [], input_size, 1, 1
     for rec in _trace_layers(model, input_size):
@@ -786,7 +669,6 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
         assert n == rec["out_shape"][-1], f"size mismatch at {rec['name']}"
     return pd.DataFrame(rows)
 
-
 def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     """RF measured as the extent of input pixels with non-zero gradient for one centre unit."""
     model = copy.deepcopy(model).double().eval()
@@ -797,7 +679,6 @@ def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     out[0, :, h // 2, w // 2].sum().backward()
     rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
     return int(rows.max() - rows.min() + 1)
-
 
 def _downsamplers(model: nn.Module, records: list[dict]) -> list[tuple[str, str, bool]]:
     """Each layer that shrinks the feature map: (where, what, whether the rules allow it)."""
@@ -817,13 +698,9 @@ def _downsamplers(model: nn.Module, records: list[dict]) -> list[tuple[str, str,
                       isinstance(m, nn.Conv2d) and ((k == 3 and s == 2) or d > 1)))
     return found
 
-
 def check_rules(model: nn.Module, input_size: int = 32) -> Any:
-    """The exercise's rules, each with the measured value and pass or fail, as a DataFrame.
-
-    Every layer that shrinks the feature map gets its own row ("downsampling: C2
-    downsample"), after a row that counts them ("downsampling layers": exactly three).
-    """
+    """The exercise's rules, each measured and passed or failed, as a DataFrame; each layer
+    that shrinks the feature map gets a row of its own after the row that counts them."""
     import pandas as pd
     recs = _trace_layers(model, input_size)
     convs = [r["module"] for r in recs if isinstance(r["module"], nn.Conv2d)]
@@ -850,9 +727,7 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
     ]
     rules += [(f"downsampling: {where}", "3x3 conv, stride 2 (or dilated)", what, ok)
               for where, what, ok in downs]
-    df = pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
-    df["passed"] = df["passed"].astype(bool)
-    return df
+    return pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
 
 
 # =========================================================================== training
@@ -866,7 +741,6 @@ class Training:
     criterion: nn.Module               # cross-entropy with the recipe's label smoothing
     scaler: torch.amp.GradScaler       # float16 loss scaling on CUDA, a no-op elsewhere
     device: torch.device
-
 
 def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Training:
     """The optimizer, schedule, loss and scaler for ``model`` (already on its device)."""
@@ -887,7 +761,6 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Tr
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     return Training(model, optimizer, scheduler, criterion, scaler, device)
 
-
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a uint8 batch: (loss, correct predictions), on the device."""
@@ -905,17 +778,13 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
         t.scheduler.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
-
 def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterator:
     """``iterable`` with a progress bar; in a notebook the bar leaves a line of text when done
     (a saved notebook has no widget left to show)."""
-    if not enabled:
-        yield from iterable
-        return
     from tqdm.auto import tqdm
     from tqdm.notebook import tqdm as notebook_tqdm
-    if not issubclass(tqdm, notebook_tqdm):
-        yield from tqdm(iterable, desc=desc, leave=False, mininterval=1.0)
+    if not enabled or not issubclass(tqdm, notebook_tqdm):
+        yield from tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not enabled)
         return
     from IPython.display import display
     bar = tqdm(iterable, desc=desc, leave=False, mininterval=1.0, display=False)
@@ -926,7 +795,6 @@ def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterator:
         bar.close()
         shown.update({"text/plain": f"{desc}: {bar.n}/{bar.total or bar.n} batches in "
                                     f"{bar.format_dict['elapsed']:.0f} s"}, raw=True)
-
 
 def train_one_epoch(t: Training, loader: Iterable, progress: bool = True, desc: str = "train"
                     ) -> tuple[float, float, int]:
@@ -945,25 +813,27 @@ def train_one_epoch(t: Training, loader: Iterable, progress: bool = True, desc: 
         raise FloatingPointError("the training loss became nan or inf during the epoch")
     return total_loss.item() / seen, correct.item() / seen, seen
 
-
 def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches: Iterable,
         checkpoint: str | os.PathLike | None = None, resume: bool = False,
         progress: bool = True, log: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Train ``model`` (on its device) by ``recipe``; return one history row per epoch.
 
-    ``eval_batches`` are scored after each epoch for the log only: the model returned is the
-    final one, never an epoch picked by its score. ``checkpoint`` is written after every epoch
-    with all that training needs to go on; ``resume`` continues from it (from epoch 1 if there
-    is none yet). After each epoch ``log`` gets the history so far (default: print the new
-    row). A run that diverges stops with FloatingPointError before that epoch is saved.
+    ``eval_batches`` are scored after each epoch for the log only (the model returned is the
+    last one). ``checkpoint`` is saved after every epoch; ``resume`` continues from it (or
+    starts). ``log`` gets the history after each epoch (default: print the new row). A run
+    that diverges stops with FloatingPointError before that epoch is saved.
     """
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
-    t, run = start_training(model, recipe, len(train_loader)), _run_identity(recipe, train_loader)
+    t = start_training(model, recipe, len(train_loader))
+    transform = getattr(train_loader.dataset, "transform", None)
+    run = dict(recipe=asdict(recipe), seed=getattr(train_loader.sampler, "seed", None),
+               augment_seed=getattr(transform, "seed", None), steps_per_epoch=len(train_loader),
+               train_images=len(train_loader.dataset))  # what its checkpoints must match
     history = _resume(Path(checkpoint), t, run) if resume and Path(checkpoint).is_file() else []
     for epoch in range(len(history) + 1, recipe.epochs + 1):
         start, lr = time.perf_counter(), t.optimizer.param_groups[0]["lr"]
-        for part in (getattr(train_loader.dataset, "transform", None), train_loader.sampler):
+        for part in (transform, train_loader.sampler):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch - 1)
         try:
@@ -971,7 +841,7 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
                                               f"epoch {epoch}/{recipe.epochs}")
         except FloatingPointError as e:
             raise FloatingPointError(f"Epoch {epoch}: {e}; stopped before saving "
-                                     f"({_kept(checkpoint, epoch)})") from None
+                                     f"({_saved(checkpoint, epoch)})") from None
         train_seconds = time.perf_counter() - start
         eval_loss, eval_acc = evaluate(model, eval_batches)
         row = dict(epoch=epoch, lr=lr, train_loss=loss, train_acc=acc, eval_loss=eval_loss,
@@ -983,11 +853,9 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
             save_checkpoint(checkpoint, dict(
                 model=model.state_dict(), optimizer=t.optimizer.state_dict(),
                 scheduler=t.scheduler.state_dict() if t.scheduler is not None else None,
-                scaler=t.scaler.state_dict(), epoch=epoch, history=history, rng=_rng_state(),
-                run=run))
+                scaler=t.scaler.state_dict(), epoch=epoch, history=history, run=run))
         (log or (lambda rows: print(format_row(rows[-1], epochs=recipe.epochs))))(history)
     return history
-
 
 def format_row(row: dict, split: str = "test", epochs: int | None = None) -> str:
     """One history row as a line of text (``split``: what the evaluation scored)."""
@@ -996,19 +864,16 @@ def format_row(row: dict, split: str = "test", epochs: int | None = None) -> str
             f"{split} loss {row['eval_loss']:.3f} acc {100 * row['eval_acc']:.2f}%  "
             f"{row['seconds']:.0f}s ({row['images_per_s']:.0f} img/s)")
 
-
-def _kept(checkpoint: Any, epoch: int) -> str:
+def _saved(checkpoint: Any, epoch: int) -> str:
     """What a run stopped during ``epoch`` leaves behind."""
     if checkpoint is None:
         return "nothing was saved"
     return f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
 
-
 def _first_non_finite(state: dict) -> str | None:
     """The name of the first float tensor in ``state`` holding nan or inf, or None."""
     return next((n for n, t in state.items() if torch.is_tensor(t)
                  and t.dtype.is_floating_point and not torch.isfinite(t).all()), None)
-
 
 def _stop_if_not_finite(row: dict, model: nn.Module, checkpoint: Any) -> None:
     """Raise FloatingPointError, before anything is saved, if the epoch diverged."""
@@ -1018,49 +883,25 @@ def _stop_if_not_finite(row: dict, model: nn.Module, checkpoint: Any) -> None:
     if bad:
         raise FloatingPointError(
             f"Epoch {row['epoch']}: {' and '.join(bad)} (training loss {row['train_loss']:.4g}); "
-            f"stopped before saving ({_kept(checkpoint, row['epoch'])})")
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An evaluation copy of ``model`` with each BatchNorm folded into the conv just before it.
-
-    In eval mode BatchNorm is a fixed per-channel scale and shift, so the conv can absorb it:
-    the copy computes the same function (to rounding) without the BatchNorm layers.
-    """
-    folded = copy.deepcopy(model).eval()
-    for seq in list(folded.modules()):
-        if isinstance(seq, nn.Sequential):
-            names = list(seq._modules)
-            for a, b in zip(names, names[1:]):
-                conv, bn = seq._modules[a], seq._modules[b]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-    return folded
-
+            f"stopped before saving ({_saved(checkpoint, row['epoch'])})")
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable, tta: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float logits and labels over uint8 NHWC batches (tta: average with the mirror image).
-
-    ``model`` is put in eval mode and scored through ``fold_batchnorm``'s copy (faster).
-    """
+    """Float logits and labels over uint8 NHWC batches (tta: average with the mirror image);
+    ``model`` is left in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    folded = fold_batchnorm(model)
-    if _channels_last(device):
-        folded.to(memory_format=torch.channels_last)
     logits, labels = [], []
     for x, y in batches:
         x = to_input(x, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            out = folded(x).float()
+            out = model(x).float()
             if tta:
-                out = (out + folded(torch.flip(x, dims=[3])).float()) / 2
+                out = (out + model(torch.flip(x, dims=[3])).float()) / 2
         logits.append(out)
         labels.append(y.to(device))
     return torch.cat(logits), torch.cat(labels)
-
 
 def evaluate(model: nn.Module, batches: Iterable, tta: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``batches`` (tta: with the mirror images)."""
@@ -1073,31 +914,12 @@ def evaluate(model: nn.Module, batches: Iterable, tta: bool = False) -> tuple[fl
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, is refused, or does not fit what it is loaded into."""
 
-
 class WriteError(RuntimeError):
     """A file that could not be written (disk full, file-size limit, permissions)."""
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step: a temp file, flushed to disk, renamed over it.
-
-    Temp files that a killed writer left behind are removed first; a failure raises
-    WriteError naming the file and leaves ``path`` as it was.
-    """
+    """Replace ``path`` with ``data`` in one step (a temp file, flushed to disk, renamed over
+    it; killed writers' temp files removed first); a failure raises WriteError, path intact."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1108,26 +930,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink(missing_ok=True)
 
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Save ``state`` (a plain dict with the model's weights under "model") atomically.
-
-    Non-finite weights are never saved: they raise FloatingPointError instead.
-    """
+    """Save ``state`` (a plain dict, the weights under "model") atomically; weights holding
+    nan or inf raise FloatingPointError instead."""
     bad = _first_non_finite(state["model"])
     if bad is not None:
         raise FloatingPointError(f"Not saving {path}: {bad} holds nan or inf")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     _write_atomic(Path(path), buffer.getvalue())
-
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint's entries, loaded as tensors and plain values only: no code runs."""
@@ -1155,34 +976,12 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     return state
 
-
-def _rng_state() -> dict:
-    """Python, NumPy and torch (CPU, CUDA) generator states as tensors and plain values."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return dict(python=random.getstate(), torch=torch.get_rng_state(), cuda=cuda,
-                numpy=dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), gauss=float(gauss)))
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
     return json.loads(json.dumps(value))
 
-
 def _differences(old: dict, new: dict) -> list[str]:
-    """``key old -> new`` for each key of ``new`` that ``old`` holds otherwise (nested dicts
-    key by key, as ``recipe.lr 0.2 -> 0.1``)."""
+    """``key old -> new`` for each key of ``new`` that differs in ``old`` (``seed 0 -> 1``)."""
     diffs, old = [], _plain(old)
     for key, b in _plain(new).items():
         a = old.get(key)
@@ -1192,19 +991,10 @@ def _differences(old: dict, new: dict) -> list[str]:
             diffs.append(f"{key} {a!r} -> {b!r}")
     return diffs
 
-
-def _run_identity(recipe: Recipe, loader: DataLoader) -> dict:
-    """What makes a checkpoint belong to one run: the recipe, the data seeds and sizes."""
-    return dict(recipe=asdict(recipe), seed=getattr(loader.sampler, "seed", None),
-                augment_seed=getattr(getattr(loader.dataset, "transform", None), "seed", None),
-                train_images=len(loader.dataset), steps_per_epoch=len(loader))
-
-
 def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     """Load what the checkpoint at ``path`` holds into ``t``; return its history."""
     state = _read_checkpoint(path)
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng", "run", "history")
-               if k not in state]
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "run", "history") if k not in state]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}")
     diffs = _differences(state["run"], run)
@@ -1216,21 +1006,16 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
         if t.scheduler is not None:
             t.scheduler.load_state_dict(state["scheduler"])
         t.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path} does not fit this model: {e}") from None
     return list(state["history"])
 
-
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
                  history: Sequence[dict] = ()) -> None:
-    """Save the final weights with ``run`` (JSON-plain: its "recipe", data, normalisation)
-    and the training ``history``."""
+    """Save the weights with ``run`` (its "recipe", data, normalisation) and ``history``."""
     save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run), history=list(history)))
 
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
-               ) -> tuple[Net, dict]:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Net, dict]:
     """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds."""
     state = _read_checkpoint(path)
     try:
@@ -1249,20 +1034,17 @@ def predict(model: nn.Module, batches: Iterable) -> tuple[np.ndarray, np.ndarray
     losses = F.cross_entropy(logits, labels, reduction="none")
     return logits.argmax(1).cpu().numpy(), labels.cpu().numpy(), losses.cpu().numpy()
 
-
 def hardest_mistakes(labels: np.ndarray, preds: np.ndarray, losses: np.ndarray, n: int
                      ) -> np.ndarray:
     """Indices of the ``n`` wrong predictions made with the most confidence (highest loss)."""
     wrong = np.flatnonzero(np.asarray(labels) != np.asarray(preds))
     return wrong[np.argsort(-np.asarray(losses)[wrong], kind="stable")][:n]
 
-
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts with true labels as rows and predictions as columns."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
     return cm
-
 
 def confused_pairs(cm: np.ndarray, classes: Sequence[str], n: int = 5) -> Any:
     """The ``n`` most frequent mistakes: true class, predicted class, count, share of the class."""
@@ -1273,17 +1055,14 @@ def confused_pairs(cm: np.ndarray, classes: Sequence[str], n: int = 5) -> Any:
             for i, j in zip(*np.unravel_index(order, cm.shape)) if off[i, j] > 0]
     return pd.DataFrame(rows, columns=["true", "predicted", "images", "% of the true class"])
 
-
 def class_report(labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) -> Any:
     """Precision, recall (the class's accuracy) and F1 in %, and the images of each class."""
     import pandas as pd
     from sklearn.metrics import precision_recall_fscore_support
     p, r, f1, support = precision_recall_fscore_support(
         labels, preds, labels=list(range(len(classes))), zero_division=0)
-    table = pd.DataFrame({"precision %": 100 * p, "recall %": 100 * r, "F1 %": 100 * f1,
-                          "images": support}, index=pd.Index(classes, name="class"))
-    return table.round(1)
-
+    return pd.DataFrame({"precision %": 100 * p, "recall %": 100 * r, "F1 %": 100 * f1,
+                         "images": support}, index=pd.Index(classes, name="class")).round(1)
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
              class_idx: Sequence[int] | None = None) -> np.ndarray:
@@ -1327,7 +1106,6 @@ def _image_grid(panels: Sequence[tuple], cols: int, size: float = 1.6) -> Any:
     fig.tight_layout()
     return fig
 
-
 def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                  per_class: int = 8, seed: int = 0) -> Any:
     """One row per class: ``per_class`` random images of it, the class named on the left."""
@@ -1339,34 +1117,21 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
         panels += [(np.full_like(images[0], 255), "")] * (per_class - len(picks))
     return _image_grid(panels, per_class, size=1.2)
 
-
-def plot_augmentation_rows(image: np.ndarray, augments: dict[str, Callable],
-                           n_aug: int = 5) -> Any:
-    """One row per named augmentation: ``image`` (first column), then ``n_aug`` outputs."""
-    panels = []
-    for name, augment in augments.items():
-        panels += [(image, "original")]
-        panels += [(augment(image=image)["image"], name) for _ in range(n_aug)]
-    return _image_grid(panels, n_aug + 1)
-
-
 _SHORT_NAMES = {"HorizontalFlip": "flip", "Affine": "affine", "CoarseDropout": "cutout"}
 
+def plot_pipeline(rows: Sequence[tuple[np.ndarray, Callable]], n_aug: int = 9) -> Any:
+    """One row per (image, augment): the image, then ``n_aug`` copies titled by what fired.
 
-def plot_pipeline(images: np.ndarray, augment: Callable, n_aug: int = 7) -> Any:
-    """Each image, then ``n_aug`` copies through ``augment``, titled by what fired in each.
-
-    ``augment`` must record what it applied (``exercise_augmentations(..., record=True)``).
+    Each augment must record what it applied (``exercise_augmentations(..., record=True)``).
     """
     panels = []
-    for image in images:
+    for image, augment in rows:
         panels.append((image, "original"))
         for _ in range(n_aug):
             out = augment(image=image)
             fired = [_SHORT_NAMES.get(name, name) for name, _ in out["applied_transforms"]]
             panels.append((out["image"], " + ".join(fired) or "unchanged"))
     return _image_grid(panels, n_aug + 1)
-
 
 def plot_history(history: Sequence[dict], split: str = "test") -> Any:
     """Loss, accuracy and learning rate per epoch; ``split`` names what was evaluated."""
@@ -1386,7 +1151,6 @@ def plot_history(history: Sequence[dict], split: str = "test") -> Any:
     fig.tight_layout()
     return fig
 
-
 def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels: np.ndarray,
                   preds: np.ndarray, idx: Sequence[int], classes: Sequence[str]) -> Any:
     """Each image of ``idx`` (true -> predicted) above its Grad-CAM map for the prediction."""
@@ -1405,7 +1169,6 @@ def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels
         panels += [(None, "")] * (cols - len(row))
     return _image_grid(panels, cols, size=2.0)
 
-
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
     """The confusion matrix with each row as % of its true class (counts sum to 100 a row)."""
     import matplotlib.pyplot as plt
@@ -1418,38 +1181,34 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
     fig.tight_layout()
     return fig
 
-
 def plot_receptive_field(table: Any) -> Any:
     """Receptive field after each layer of a ``receptive_field_table``, with the 44 bar."""
     import matplotlib.pyplot as plt
     colors = {"conv": "tab:blue", "depthwise": "tab:orange", "pointwise": "tab:grey"}
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(table) + 1.2))
     y = np.arange(len(table))[::-1]
-    ax.barh(y, table["rf_out"], color=[colors.get(k, "tab:green") for k in table["kind"]])
+    for kind in table["kind"].unique():  # one colour, and one legend entry, per kind of layer
+        rows = (table["kind"] == kind).to_numpy()
+        ax.barh(y[rows], table["rf_out"][rows], color=colors.get(kind, "tab:green"), label=kind)
     for yi, row in zip(y, table.itertuples()):
         note = f"  stride {row.stride}" if row.stride > 1 else \
             f"  dilation {row.dilation}" if row.dilation > 1 else ""
         ax.text(row.rf_out + 1, yi, f"{row.rf_out}{note}", va="center", fontsize=9)
     ax.set_yticks(y, [f"{r.block} {r.layer} ({r.n_out}x{r.n_out})" for r in table.itertuples()],
                   fontsize=9)
-    ax.axvline(44, color="red", ls="--", lw=1)
+    ax.axvline(44, color="red", ls="--", lw=1, label="rule: RF > 44")
     ax.set_xlabel("receptive field after the layer (pixels)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles + [plt.Line2D([], [], color="red", ls="--")],
-              [*colors, "rule: RF > 44"], fontsize=9, loc="upper right")
+    ax.legend(fontsize=9, loc="upper right")
     fig.tight_layout()
     return fig
 
-
 def figures_folder(requested: str | os.PathLike | None, smoke: bool,
                    default: str = "images") -> str | None:
-    """Where a notebook run saves its figures: ``requested`` when given ("" saves nothing);
-    else ``default`` in a full run and nowhere in a smoke run, so that a smoke run never
-    replaces the figures of a full run."""
+    """Where a notebook run saves its figures: ``requested`` ("" for nowhere), else ``default``
+    in a full run and nowhere in a smoke run (which so never replaces a full run's figures)."""
     if requested is not None:
         return str(requested) or None
     return None if smoke else default
-
 
 def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
     """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty/None."""
@@ -1462,12 +1221,10 @@ def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
 EPOCH_IMAGES, EVAL_IMAGES = 50_000, 10_000  # a CIFAR-10 training epoch and its test set
 BENCH_ROUNDS = 4  # alternations of model-only and end-to-end timing in ``bench``
 
-
 def _pipeline(recipe: Recipe, data: CifarData, x_y: tuple, device: torch.device,
               workers: int | None, seed: int) -> tuple[DataLoader, TensorBatches, Net, dict]:
-    """The recipe's augmented training loader, evaluation batches and model (on ``device``),
-    seeded by ``seed``, from the arrays ``x_y`` (train images, labels, eval images, labels);
-    and the normalisation used."""
+    """The recipe's training loader, evaluation batches, model and normalisation, from ``x_y``
+    (train images, labels, eval images, labels), seeded by ``seed``."""
     x_tr, y_tr, x_ev, y_ev = x_y
     mean, std = compute_mean_std(x_tr)
     augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
@@ -1476,7 +1233,6 @@ def _pipeline(recipe: Recipe, data: CifarData, x_y: tuple, device: torch.device,
                                    recipe.batch_size, device, seed, workers)
     model = build_model(recipe, len(data.classes), mean, std).to(device)
     return loader, batches, model, dict(mean=mean, std=std)
-
 
 def _timed(run: Callable[[Iterable], Any], batches: Iterator, seconds: float,
            warmup: int) -> tuple[int, float]:
@@ -1495,22 +1251,17 @@ def _timed(run: Callable[[Iterable], Any], batches: Iterator, seconds: float,
     run(timed())
     return seen[0], time.perf_counter() - start
 
-
 def _cycle(batches: Iterable) -> Iterator:
     """``batches`` without end: a new pass (as in a new epoch) whenever one ends."""
     while True:
         yield from batches
 
-
 def bench(data: CifarData, recipe: Recipe | str = "standard",
           device: torch.device | str | None = None, workers: int | None = None,
           seconds: float = 8.0) -> dict:
-    """Images/s of the training loader, the model's training step, both together, evaluation.
-
-    The recipe's model and augmentation run as in ``fit``; each figure is timed for
-    ``seconds`` after a warm-up. Model only and end-to-end alternate in ``BENCH_ROUNDS``
-    rounds, so that a machine whose speed drifts slows both alike.
-    """
+    """Images/s of the training loader, the training step, both together, and evaluation, as
+    ``fit`` runs them: each for ``seconds`` after a warm-up, the middle two in alternating
+    rounds (a machine whose speed drifts slows both alike)."""
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise ValueError(f"no recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     name, recipe = (recipe, RECIPES[recipe]) if isinstance(recipe, str) else ("custom", recipe)
@@ -1518,11 +1269,9 @@ def bench(data: CifarData, recipe: Recipe | str = "standard",
     loader, test, model, _ = _pipeline(recipe, data, (data.x_train, data.y_train, data.x_test,
                                                       data.y_test), device, workers, 0)
     t = start_training(model, replace(recipe, epochs=10 ** 6), len(loader))  # never runs out
-    g = torch.Generator().manual_seed(0)
-    fake = _cycle([(torch.randint(0, 256, (recipe.batch_size, 32, 32, 3), generator=g,
-                                  dtype=torch.uint8).to(device),
-                    torch.randint(0, len(data.classes), (recipe.batch_size,), generator=g
-                                  ).to(device)) for _ in range(4)])
+    g, n = torch.Generator().manual_seed(0), recipe.batch_size
+    fake = _cycle([(torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+                    .to(device), torch.randint(0, 10, (n,), generator=g).to(device))] * 4)
     train = lambda batches: train_one_epoch(t, batches, progress=False)  # noqa: E731
     real, warm = _cycle(loader), 2 + loader.num_workers * (loader.prefetch_factor or 0)
     timed = dict(loader=_timed(lambda b: sum(1 for _ in b), real, seconds, warm))
@@ -1540,46 +1289,36 @@ def bench(data: CifarData, recipe: Recipe | str = "standard",
     timed["eval"] = (passes * len(test.images), time.perf_counter() - start)
     real.close()  # lets the persistent workers go
     rate = {k: n / s for k, (n, s) in timed.items()}
-    epoch_s, eval_s = EPOCH_IMAGES / rate["end_to_end"], EVAL_IMAGES / rate["eval"]
-    return dict(
-        recipe=name, device=str(device), torch=torch.__version__, cpus=os.cpu_count(),
-        threads=torch.get_num_threads(), workers=loader.num_workers,
-        batch_size=recipe.batch_size, seconds=seconds, params=count_parameters(model),
-        macs=count_macs(model), loader_images_per_s=rate["loader"],
-        model_images_per_s=rate["model"], end_to_end_images_per_s=rate["end_to_end"],
-        eval_images_per_s=rate["eval"], end_to_end_pct_of_model=100 * rate["end_to_end"] /
-        rate["model"], epoch_seconds=epoch_s, eval_seconds=eval_s,
-        eval_pct_of_epoch=100 * eval_s / epoch_s, timed_images={k: v[0] for k, v in timed.items()},
-        timed_seconds={k: v[1] for k, v in timed.items()})
-
+    return dict(recipe=name, device=str(device), torch=torch.__version__, cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), workers=loader.num_workers, batch_size=n,
+                seconds=seconds, params=count_parameters(model), macs=count_macs(model),
+                **{f"{k}_images_per_s": v for k, v in rate.items()},
+                end_to_end_pct_of_model=100 * rate["end_to_end"] / rate["model"],
+                epoch_seconds=EPOCH_IMAGES / rate["end_to_end"],
+                eval_seconds=EVAL_IMAGES / rate["eval"],
+                eval_pct_of_epoch=100 * rate["end_to_end"] * EVAL_IMAGES / rate["eval"] /
+                EPOCH_IMAGES, timed_images={k: v[0] for k, v in timed.items()},
+                timed_seconds={k: v[1] for k, v in timed.items()})
 
 def bench_table(result: dict) -> str:
     """A ``bench`` result as a small readable table."""
     r, w = result, result["workers"]
-    rows = [
-        ("loader only", r["loader_images_per_s"],
-         f"albumentations and collation, {w} worker{'' if w == 1 else 's'}"
-         + (" (in the main process)" if w == 0 else "")),
-        ("model only", r["model_images_per_s"], "training steps on random uint8 batches"),
-        ("end-to-end training", r["end_to_end_images_per_s"],
-         f"{r['end_to_end_pct_of_model']:.1f}% of model only; "
-         f"{EPOCH_IMAGES:,} images in {r['epoch_seconds']:.1f} s"),
-        ("evaluation", r["eval_images_per_s"],
-         f"{EVAL_IMAGES:,} images in {r['eval_seconds']:.2f} s = "
-         f"{r['eval_pct_of_epoch']:.1f}% of an epoch"),
-    ]
-    head = (f"recipe {r['recipe']} ({r['macs'] / 1e6:.1f}M multiply-adds/image), batch "
-            f"{r['batch_size']}, {r['device']}, torch {r['torch']}, {r['threads']} threads, "
-            f"{r['seconds']:g} s per figure")
-    lines = [f"{'':<22}{'images/s':>10}  note"]
-    lines += [f"{label:<22}{rate:>10,.0f}  {note}" for label, rate, note in rows]
-    return "\n".join([head, *lines])
+    rows = [("loader only", "loader", f"albumentations and collation, {w} worker(s)"),
+            ("model only", "model", "training steps on random uint8 batches"),
+            ("end-to-end training", "end_to_end", f"{r['end_to_end_pct_of_model']:.1f}% of model "
+             f"only; {EPOCH_IMAGES:,} images in {r['epoch_seconds']:.1f} s"),
+            ("evaluation", "eval", f"{EVAL_IMAGES:,} images in {r['eval_seconds']:.2f} s = "
+             f"{r['eval_pct_of_epoch']:.1f}% of an epoch")]
+    return "\n".join([f"recipe {r['recipe']} ({r['macs'] / 1e6:.1f}M multiply-adds/image), batch "
+                      f"{r['batch_size']}, {r['device']}, torch {r['torch']}, {r['threads']} "
+                      f"threads, {r['seconds']:g} s per figure", f"{'':<22}{'images/s':>10}  note"]
+                     + [f"{label:<22}{r[key + '_images_per_s']:>10,.0f}  {note}"
+                        for label, key, note in rows])
 
 
 # =========================================================================== command line
 class UsageError(ValueError):
     """Bad command-line input found after parsing: one line on stderr, exit status 2."""
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (``prog: error: ...``) with exit status 2."""
@@ -1587,52 +1326,34 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-
-def _checked(kind: type, words: str, ok: Callable[[Any], bool] = lambda v: True
-             ) -> Callable[[str], Any]:
-    """An argparse type: a ``kind`` for which ``ok`` holds, else a one-line error."""
+def _option(p: argparse.ArgumentParser, name: str, kind: type, words: str, help: str,
+            ok: Callable[[Any], bool] = lambda v: True, **kw: Any) -> None:
+    """Add ``--name``: a ``kind`` for which ``ok`` holds (``words``), else a one-line error."""
     def parse(text: str) -> Any:
         try:
-            value = kind(text)
+            if ok(value := kind(text)):
+                return value
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
-        return value
-    return parse
+            pass
+        raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+    p.add_argument(name, type=parse, help=f"{help} ({words})", **kw)
 
-
-def _option(p: argparse.ArgumentParser, name: str, kind: type, words: str,
-            ok: Callable[[Any], bool], help: str, **kw: Any) -> None:
-    """Add ``--name``, checked while parsing: ``help`` says what it is, ``words`` its range."""
-    p.add_argument(name, type=_checked(kind, words, ok), help=f"{help} ({words})", **kw)
-
-
-def _data_options(p: argparse.ArgumentParser) -> None:
+def _common_options(p: argparse.ArgumentParser, recipe: bool) -> None:
+    """--data-dir, --download, --threads and (``recipe``) one option per Recipe field."""
     p.add_argument("--data-dir", required=True, metavar="DIR",
                    help="folder with CIFAR-10: official batches, or train/<class>/*.jpg|png")
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
-    _option(p, "--download-timeout", float, "a number of seconds in (0, 86400]",
-            lambda v: 0 < v <= 86400, "give up a download when the server sends nothing for "
-            "this long; default 60", default=60.0, metavar="S")
-    _option(p, "--threads", int, "an integer in [1, 1024]", lambda v: 1 <= v <= 1024,
-            "torch CPU threads; default: all cores, or the run's own count with --resume",
-            metavar="N")
-
-
-def _recipe_options(p: argparse.ArgumentParser) -> None:
-    """--recipe, then one option per Recipe field, derived from the field itself."""
-    p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
-                   help="the recipe that the options below override (default standard)")
-    for f in fields(Recipe):
-        many = isinstance(f.default, tuple)
-        kind = type(f.default[0] if many else f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=_checked(kind, f.metadata["words"]),
-                       nargs=len(f.default) if many else None, metavar=f.metadata["metavar"],
-                       help=f"{f.metadata['help']} ({f.metadata['words']}; default: the "
-                       "recipe's)")
-
+    _option(p, "--threads", int, "an integer in [1, 1024]", "torch CPU threads; default: all "
+            "cores, or the run's own count with --resume", lambda v: 1 <= v <= 1024, metavar="N")
+    if recipe:
+        p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
+                       help="the recipe that the options below override (default standard)")
+    for f in fields(Recipe) if recipe else ():  # derived from the field itself
+        many, meta = isinstance(f.default, tuple), f.metadata
+        _option(p, "--" + f.name.replace("_", "-"), type(f.default[0] if many else f.default),
+                meta["words"], f"{meta['help']}; default: the recipe's",
+                nargs=len(f.default) if many else None, metavar=meta["metavar"])
 
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0])
@@ -1640,66 +1361,57 @@ def _build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one recipe, logging every epoch to --out",
                        description="Train one recipe, logging and checkpointing every epoch "
                        "to --out. Every option is checked before any data is read.")
-    _data_options(t)
-    _recipe_options(t)
-    _option(t, "--seed", int, "an integer in [0, 4294967295]", lambda v: 0 <= v < 2 ** 32,
-            "seed of every random choice: weights, data order, augmentation, subsets; "
-            "default 0", default=0, metavar="N")
+    e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)")
+    b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation")
+    for cmd in (t, e, b):
+        _common_options(cmd, recipe=cmd is not e)
+    for cmd in (t, b):
+        _option(cmd, "--workers", int, "an integer in [0, 64]", "data-loader processes; default: "
+                "0 on a CPU, up to 8 on a GPU (with --resume: the run's)", lambda v: 0 <= v <= 64,
+                metavar="N")
+    _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
+            "weights, data order, augmentation, subsets; default 0", lambda v: 0 <= v < 2 ** 32,
+            default=0, metavar="N")
     for split in ("train", "test"):
-        _option(t, f"--{split}-subset", int, "an integer >= 1", lambda v: v >= 1,
-                f"use N random {split} images only", metavar="N")
-    _option(t, "--val-fraction", float, "a number in (0, 1)", lambda v: 0 < v < 1,
-            "hold out this share of the training images and score it instead of the test "
-            "set, to choose settings", metavar="F")
-    _option(t, "--workers", int, "an integer in [0, 64]", lambda v: 0 <= v <= 64,
-            "data-loader processes; default: 0 on a CPU, up to 8 on a GPU, or the run's own "
-            "count with --resume", metavar="N")
-    t.add_argument("--out", default="runs/latest", metavar="DIR",
-                   help="the run's folder: config.json, log.jsonl, model.pt, weights.pt, "
-                   "summary.json (default runs/latest)")
+        _option(t, f"--{split}-subset", int, "an integer >= 1", f"use N random {split} images "
+                "only", lambda v: v >= 1, metavar="N")
+    _option(t, "--val-fraction", float, "a number in (0, 1)", "hold out this share of the "
+            "training images and score it instead of the test set, to choose settings",
+            lambda v: 0 < v < 1, metavar="F")
+    t.add_argument("--out", default="runs/latest", metavar="DIR", help="the run's folder "
+                   "(default runs/latest)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from "
                        "its last checkpoint (or start it if --out holds none)")
     again.add_argument("--overwrite", action="store_true", help="replace the run in --out; "
                        "it is kept until the new run's first checkpoint is saved")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)")
     e.add_argument("--weights", required=True, metavar="FILE",
                    help="weights.pt or model.pt of a run, or a file in weights/")
-    _data_options(e)
-    b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation")
-    _data_options(b)
-    _recipe_options(b)
-    _option(b, "--workers", int, "an integer in [0, 64]", lambda v: 0 <= v <= 64,
-            "data-loader processes; default: 0 on a CPU, up to 8 on a GPU", metavar="N")
-    _option(b, "--seconds", float, "a number of seconds in (0, 3600]", lambda v: 0 < v <= 3600,
-            "timed seconds per figure; default 8", default=8.0, metavar="S")
+    _option(b, "--seconds", float, "a number of seconds in (0, 3600]", "timed seconds per "
+            "figure; default 8", lambda v: 0 < v <= 3600, default=8.0, metavar="S")
     b.add_argument("--device", choices=("cpu", "cuda", "mps"),
                    help="the device to time (default: the best available)")
     return p
-
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The named recipe with the options given; a bad value is refused naming its option."""
     recipe = RECIPES[args.recipe]
     for f in fields(Recipe):
-        value = getattr(args, f.name)
-        if value is not None:
+        if getattr(args, f.name) is not None:
             try:
-                recipe = replace(recipe, **{f.name: value})
+                recipe = replace(recipe, **{f.name: getattr(args, f.name)})
             except ValueError as e:
                 raise UsageError(f"argument --{f.name.replace('_', '-')}: "
                                  f"{str(e).split(': ', 1)[1]}") from None
     return recipe
 
-
 def _read_data(args: argparse.Namespace) -> CifarData:
     """The data in ``--data-dir``, or a UsageError saying what is wrong with it."""
     try:
-        return load_cifar10(args.data_dir, args.download, args.download_timeout)
+        return load_cifar10(args.data_dir, args.download)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
-
 
 def _set_up(args: argparse.Namespace, threads: int | None = None) -> torch.device:
     """Set the thread count; the device asked for (``--device``), else the best available."""
@@ -1711,36 +1423,31 @@ def _set_up(args: argparse.Namespace, threads: int | None = None) -> torch.devic
         raise UsageError(f"argument --device: no {asked} device on this machine")
     return torch.device(asked) if asked else get_device(verbose=args.command == "train")
 
-
 def run_evaluate(args: argparse.Namespace) -> dict:
     """``evaluate``: the final test accuracy of saved weights, and with flip TTA."""
     device = _set_up(args)
     model, state = load_model(args.weights, device)
     data = _read_data(args)
-    n_out = model.out[-1].out_features
-    if n_out != len(data.classes):
-        raise UsageError(f"{args.weights} has {n_out} outputs, but {data.source} holds "
-                         f"{len(data.classes)} classes")
-    batches = TensorBatches(data.x_test, data.y_test, 128 if device.type == "cpu" else 1000,
-                            device)
+    if model.out[-1].out_features != len(data.classes):
+        raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
+                         f"{data.source} holds {len(data.classes)} classes")
+    batches = TensorBatches(data.x_test, data.y_test, device)
     result = dict(weights=str(args.weights), data=data.source, test_images=len(data.y_test),
                   test_acc=evaluate(model, batches)[1],
                   test_acc_flip_tta=evaluate(model, batches, tta=True)[1])
-    print(json.dumps(result))
     run = state.get("run", {})
+    print(json.dumps(result))
     print(f"test accuracy {100 * result['test_acc']:.2f}% (flip TTA "
           f"{100 * result['test_acc_flip_tta']:.2f}%) on {len(data.y_test):,} images of "
           f"{data.source}; recipe {run.get('recipe_name', 'custom')}, seed {run.get('seed')}")
     return result
 
-
 def run_bench(args: argparse.Namespace) -> dict:
     """``bench`` on the data in ``--data-dir``: one JSON line, then the table."""
-    recipe = _recipe_from_args(args)
-    device = _set_up(args)
-    data = _read_data(args)
+    recipe, device = _recipe_from_args(args), _set_up(args)
     name = args.recipe if recipe == RECIPES[args.recipe] else f"{args.recipe}, modified"
-    result = dict(bench(data, recipe, device, args.workers, args.seconds), recipe=name)
+    result = dict(bench(_read_data(args), recipe, device, args.workers, args.seconds),
+                  recipe=name)
     print(json.dumps(result))
     print(bench_table(result), flush=True)
     return result
@@ -1752,9 +1459,8 @@ _SAME = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "worke
          "classes", "train_images", "eval_split", "eval_images", "mean", "std")
 _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, not a refusal
 
-
 def _read_json(path: Path, keys: Sequence[str]) -> dict:
-    """A run file's dict, holding ``keys``; anything else is refused naming the file."""
+    """A run file's dict holding ``keys``; anything else is refused, naming the file."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -1767,14 +1473,10 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
                          "to start again")
     return value
 
-
 class _RunFolder:
-    """``--out`` for one command, locked against any other writer until the command ends.
-
-    ``--overwrite`` moves the old run into ``.replaced`` and deletes it only once the new run
-    has saved its first checkpoint; a command that ends sooner puts it back (and so does the
-    next command on the folder, after a kill).
-    """
+    """``--out`` for one command, locked against any other writer until it ends. ``--overwrite``
+    moves the old run into ``.replaced`` and deletes it once the new run has a checkpoint; a
+    command that ends sooner puts it back (as does the next one on the folder, after a kill)."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.aside, self.epoch = out, out / ".replaced", 0
@@ -1789,19 +1491,17 @@ class _RunFolder:
         except OSError as e:
             raise UsageError(f"argument --out: cannot write to {self.out}: {e.strerror}") from None
         try:
-            import fcntl  # POSIX; elsewhere the folder is not locked
+            import fcntl  # POSIX only; elsewhere the folder is not locked
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
         except OSError:
             self.lock.seek(0)
-            holder = self.lock.read().strip() or "unknown"
-            self.lock.close()
             raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
-                             f"{holder}): wait for it to end, or choose another --out") from None
+                             f"{self.lock.read().strip()}): wait for it to end, or choose "
+                             "another --out") from None
+        except ImportError:
+            pass
         self.lock.truncate(0)
-        self.lock.write(f"{os.getpid()}\n")
-        self.lock.flush()
+        print(os.getpid(), file=self.lock, flush=True)
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             self._restore() if not (self.out / "model.pt").exists() else shutil.rmtree(self.aside)
         return self
@@ -1824,7 +1524,7 @@ class _RunFolder:
     def files(self) -> list[str]:
         return [name for name in _RUN_FILES if (self.out / name).exists()]
 
-    def _kept(self) -> str:
+    def _checkpoint_note(self) -> str:
         try:
             self.epoch = int(_read_checkpoint(self.out / "model.pt")["epoch"])
             return f"{self.out}/model.pt keeps epoch {self.epoch}"
@@ -1839,7 +1539,7 @@ class _RunFolder:
             return None
         finished = (self.out / "summary.json").exists()
         if overwrite or not resume:
-            what = "a finished run" if finished else f"a partial run ({self._kept()})"
+            what = "a finished run" if finished else f"a partial run ({self._checkpoint_note()})"
             if overwrite:
                 print(f"--overwrite: {self.out} holds {what}; it is kept until the new run "
                       "saves its first checkpoint")
@@ -1857,24 +1557,21 @@ class _RunFolder:
                 raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
                                  "--overwrite to start again")
         elif (self.out / "model.pt").exists():
-            print(f"--resume: continuing {self.out}: {self._kept()}")
+            print(f"--resume: continuing {self.out}: {self._checkpoint_note()}")
         return dict(config, finished=finished)
 
     def refuse_changes(self, prev: dict | None, new: dict) -> None:
         """Refuse to resume ``prev`` with other settings, naming each; note what may differ."""
-        if prev is None:
-            return
-        diffs = _differences({k: prev.get(k) for k in _SAME}, {k: new[k] for k in _SAME
-                                                              if k in new})
-        if diffs:
-            raise UsageError(f"argument --resume: the run in {self.out} was made with other "
-                             f"settings ({'; '.join(diffs)}): give its options, or --overwrite "
-                             "to start again")
-        notes = _differences({k: prev.get(k) for k in _NOTES}, {k: new[k] for k in _NOTES
-                                                               if k in new})
-        if notes:
-            print(f"note: resuming with {'; '.join(notes)}: results may differ from a run that "
-                  "was never interrupted")
+        for keys, refuse in ((_SAME, True), (_NOTES, False)):
+            diffs = _differences({k: (prev or {}).get(k) for k in keys},
+                                 {k: new[k] for k in keys if k in new}) if prev else []
+            if diffs and refuse:
+                raise UsageError(f"argument --resume: the run in {self.out} was made with "
+                                 f"other settings ({'; '.join(diffs)}): give its options, or "
+                                 "--overwrite to start again")
+            if diffs:
+                print(f"note: resuming with {'; '.join(diffs)}: results may differ from a run "
+                      "that was never interrupted")
 
     def train(self, args: argparse.Namespace, model: Net, recipe: Recipe, loaders: tuple,
               meta: dict) -> list[dict]:
@@ -1908,7 +1605,6 @@ class _RunFolder:
         print(json.dumps(summary))
         return history
 
-
 def _split_data(args: argparse.Namespace, data: CifarData) -> tuple[tuple, str]:
     """(train images, labels, evaluation images, labels) and the evaluated split's name."""
     for name, n, have in (("train", args.train_subset, len(data.x_train)),
@@ -1923,7 +1619,6 @@ def _split_data(args: argparse.Namespace, data: CifarData) -> tuple[tuple, str]:
         return split_train_val(x_tr, y_tr, args.val_fraction, seed=0), "val"
     except ValueError as e:
         raise UsageError(f"argument --val-fraction: {e}") from None
-
 
 def run_training(args: argparse.Namespace) -> list[dict]:
     """``train``: check the options and ``--out``, read the data, build, train (see README)."""
@@ -1963,10 +1658,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                       "--resume" if folder.epoch else f": no epoch of {folder.out} finished")
             raise
 
-
 def _interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
 
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:
     """Print ``message`` as one line on stderr, control characters escaped; return ``status``."""
@@ -1974,14 +1667,10 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
     print(f"helpers.py {args.command}: {line}", file=sys.stderr, flush=True)
     return status
 
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python helpers.py train|evaluate|bench --data-dir DIR ...``.
-
-    Exit status: 0 done, 1 training diverged, 2 bad input or a run folder that cannot be used
-    (one line on stderr), 74 a file could not be written, 130 or 143 interrupted by SIGINT or
-    SIGTERM (the last checkpoint is kept: continue with --resume).
-    """
+    """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
+    diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
+    interrupted by SIGINT or SIGTERM (continue with --resume); errors are one line on stderr."""
     args = _build_parser().parse_args(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C
@@ -2006,7 +1695,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -381,7 +381,8 @@ def test_batch_file_with_mismatched_labels_is_named(batches_root):
     d = pickle.loads(path.read_bytes())
     d[b"labels"] = d[b"labels"][:-1]
     path.write_bytes(pickle.dumps(d))
-    with pytest.raises(ValueError, match=r"data_batch_2 holds \d+ images but \d+ labels"):
+    with pytest.raises(ValueError, match=r"data_batch_2 as a CIFAR-10 batch \(ValueError: "
+                                         r"it holds \d+ images but \d+ labels\)"):
         helpers.load_cifar10(batches_root)
 
 

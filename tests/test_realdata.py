@@ -1,25 +1,25 @@
-"""Real CIFAR-10 checks (about 2 minutes; deselect with ``pytest -m "not realdata"``).
+"""Real CIFAR-10 checks (a few minutes; deselect with ``pytest -m "not realdata"``).
 
 The data comes from the folder named by $CIFAR10_DIR, else from
 ``<repo>/../shared/data/cifar10-jpeg.tar.gz`` unpacked into a temporary folder.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import helpers
+from conftest import REPO, cli
 
 pytestmark = pytest.mark.realdata
 
-REPO = Path(__file__).resolve().parents[1]
 TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
@@ -63,29 +63,30 @@ def test_real_data_shapes_classes_and_stats(real_data):
     np.testing.assert_allclose(std, helpers.CIFAR10_STD, atol=0.005)
 
 
-def test_one_epoch_default_net_beats_chance(real_data):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        d = real_data
-        x_tr, y_tr = helpers.subset(d.x_train, d.y_train, 10_000, seed=0)
-        # an image-folder test split is sorted by class: take a random 2000, not the first
-        x_te, y_te = helpers.subset(d.x_test, d.y_test, 2000, seed=0)
-        assert len(np.unique(y_tr)) == 10 and len(np.unique(y_te)) == 10
-        recipe = replace(helpers.RECIPES["fast"], epochs=1)
-        mean, std = helpers.compute_mean_std(x_tr)
-        helpers.set_seed(0)
-        augment = helpers.EpochAugment(helpers.exercise_augmentations(
-            mean, recipe.p_flip, recipe.p_affine, recipe.p_dropout), seed=0)
-        train, test = helpers.make_loaders(
-            helpers.CifarDataset(x_tr, y_tr, augment), helpers.CifarDataset(x_te, y_te),
-            recipe.batch_size, "cpu", num_workers=0, seed=0)
-        model = helpers.build_model(recipe, mean=mean, std=std)
-        history = helpers.fit(model, train, test, recipe, torch.device("cpu"),
-                              progress=False, log=None)
-        acc = history[-1]["eval_acc"]
-        # One epoch of 10,000 images is 78 steps of batch 128. Chance is 0.10, with a
-        # standard error of sqrt(0.1 * 0.9 / 2000) = 0.0067 on 2000 test images.
-        assert acc > 0.25, f"test accuracy {acc:.3f} after one epoch (chance 0.10)"
-    finally:
-        torch.set_num_threads(threads)
+@pytest.mark.slow
+def test_one_epoch_of_the_fast_recipe_beats_chance(real_data_dir, tmp_path, capsys):
+    """The train command on 10,000 real images, one epoch; then evaluate scores the same."""
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--data-dir", real_data_dir, "--recipe", "fast",
+                       "--epochs", "1", "--train-subset", "10000", "--out", out,
+                       "--threads", "2", "--no-progress")
+    assert code == 0, err
+    acc = json.loads((out / "summary.json").read_text())["final_test_acc"]
+    # One epoch of 10,000 images is 78 steps of batch 128. Chance is 0.10, with a standard
+    # error of sqrt(0.1 * 0.9 / 10000) = 0.003 on the 10,000 test images.
+    assert acc > 0.25, f"test accuracy {acc:.3f} after one epoch (chance 0.10)"
+
+
+@pytest.mark.slow
+def test_committed_weights_score_what_readme_says(real_data_dir, capsys):
+    """Every file in weights/ scores, to 0.01 points, the figures README gives for it."""
+    rows = re.findall(r"^\| `(weights/[\w.-]+\.pt)` \|[^|]*\|[^|]*\| ([\d.]+) \| ([\d.]+) \|",
+                      (REPO / "README.md").read_text(), flags=re.M)
+    assert {r[0] for r in rows} == {f"weights/{p.name}" for p in (REPO / "weights").glob("*.pt")}
+    for path, acc, tta in rows:
+        code, out, err = cli(capsys, "evaluate", "--weights", REPO / path, "--data-dir",
+                             real_data_dir, "--threads", "2")
+        assert code == 0, err
+        scored = json.loads(out.splitlines()[0])
+        assert (f"{100 * scored['test_acc']:.2f}", f"{100 * scored['test_acc_flip_tta']:.2f}") \
+            == (acc, tta), path

@@ -262,7 +262,7 @@ def test_plot_samples_fills_a_short_class_with_blanks(arrays):
 
 def test_plot_pipeline_titles_what_fired(images):
     all_fire = helpers.exercise_augmentations(MEAN, 1, 1, 1, seed=0, record=True)
-    fig = helpers.plot_pipeline(images[:2], all_fire, n_aug=3)
+    fig = helpers.plot_pipeline([(images[0], all_fire), (images[1], all_fire)], n_aug=3)
     axes = panels(fig)
     assert len(axes) == 2 * 4 and [len(r) for r in _rows_of(axes)] == [4, 4]
     assert [ax.get_title() for ax in axes] == (["original"] + ["flip + affine + cutout"] * 3) * 2
@@ -273,21 +273,21 @@ def test_plot_pipeline_titles_what_fired(images):
 
 def test_plot_pipeline_unchanged_and_flip_only(images):
     none = helpers.exercise_augmentations(MEAN, 0, 0, 0, seed=0, record=True)
-    axes = panels(helpers.plot_pipeline(images[:1], none, n_aug=2))
+    axes = panels(helpers.plot_pipeline([(images[0], none)], n_aug=2))
     assert [ax.get_title() for ax in axes] == ["original", "unchanged", "unchanged"]
     for ax in axes:
         np.testing.assert_array_equal(shown(ax), images[0])
     flip = helpers.exercise_augmentations(MEAN, 1, 0, 0, seed=0, record=True)
-    axes = panels(helpers.plot_pipeline(images[:1], flip, n_aug=2))
+    axes = panels(helpers.plot_pipeline([(images[0], flip)], n_aug=2))
     assert [ax.get_title() for ax in axes] == ["original", "flip", "flip"]
     np.testing.assert_array_equal(shown(axes[1]), images[0][:, ::-1])
 
 
-def test_plot_augmentation_rows(images):
-    augments = {name: helpers.exercise_augmentations(MEAN, *p, seed=0)
+def test_plot_pipeline_each_augmentation_alone_one_row_each(images):
+    augments = {name: helpers.exercise_augmentations(MEAN, *p, seed=0, record=True)
                 for name, p in (("flip", (1, 0, 0)), ("affine", (0, 1, 0)),
                                 ("cutout", (0, 0, 1)))}
-    fig = helpers.plot_augmentation_rows(images[0], augments, n_aug=3)
+    fig = helpers.plot_pipeline([(images[0], a) for a in augments.values()], n_aug=3)
     assert isinstance(fig, Figure)
     rows = _rows_of(panels(fig))
     assert len(rows) == 3
