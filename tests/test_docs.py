@@ -72,3 +72,24 @@ def test_readme_results_table_matches_the_recipes():
         assert int(params.replace(",", "")) == helpers.count_parameters(model), name
         assert float(macs) == round(helpers.count_macs(model) / 1e6, 1), name
         assert int(epochs) == helpers.RECIPES[name].epochs, name
+
+
+def test_readme_is_a_short_product_page():
+    assert len(README.splitlines()) <= 200
+
+
+def test_every_guard_row_names_tests_that_exist():
+    """Each row of "What it guards against" names at least one test, and each one exists."""
+    section = README.split("## What it guards against")[1].split("\n## ")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| Fault")]
+    assert len(rows) >= 15
+    for row in rows:
+        names, current = [], None
+        for ref in re.findall(r"`((?:test_\w+\.py)?::test_\w+)`", row):
+            file, _, test = ref.partition("::")
+            current = file or current
+            names.append((current, test))
+        assert names, row
+        for file, test in names:
+            assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(), flags=re.M), \
+                (file, test)

@@ -439,3 +439,16 @@ def test_the_texts_figures_agree_with_the_run_and_readme():
     results = next(c.source for c in nb.cells if c.source.startswith("## 8. Results"))
     spread = re.search(r"ended at ([\d.]+ ± [\d.]+)%", results)
     assert spread and spread.group(1) in (REPO / "README.md").read_text()
+
+
+def test_committed_notebook_shows_the_current_code():
+    """The blocks, the net, the training step and loop are shown as helpers.py has them now."""
+    import inspect
+
+    import helpers
+    nb = _nb()
+    shown = _text(_code_with(nb, "getsource(train_step)").outputs) + _text(
+        _code_with(nb, "for part in (ConvBNAct").outputs)
+    for part in (helpers.train_step, helpers.fit, helpers.Net, helpers.ConvBNAct,
+                 helpers.DepthwiseSeparable, helpers.Residual):
+        assert inspect.getsource(part).strip() in shown, part.__name__
