@@ -1,0 +1,139 @@
+"""Candidates for a more accurate recipe, screened on held-out training images before any of
+them earns a place in helpers.py. Each option changes one thing of ``helpers.py train``:
+
+    python experiments/v3.py [--extra-credit] [--mixup ALPHA] [--ema DECAY] [--adamw LR]
+                             -- TRAIN OPTIONS (passed to helpers.py train unchanged)
+
+  --extra-credit  C4's stride-2 depthwise conv becomes a dilated one without padding
+                  (stride 1, dilation 2, 8x8 -> 4x4): the exercise's extra credit, same size
+  --mixup ALPHA   each batch mixed with a shuffled copy of itself, lambda ~ Beta(ALPHA, ALPHA),
+                  ramped in linearly over the first half of training, off in the last 5 epochs
+  --ema DECAY     an exponential moving average of the weights (per step) is what is scored
+                  after every epoch and what the run ends with
+  --adamw LR      AdamW (weight decay 0.05 on conv and linear weights) instead of SGD, with
+                  the recipe's OneCycle schedule peaking at LR
+
+Randomness added here (mixup) is seeded from --seed, but a run stopped and resumed does not
+draw the same mixing as one never stopped: screens run straight through.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import helpers  # noqa: E402
+
+
+def extra_credit(model: helpers.Net) -> helpers.Net:
+    """C4 shrinks 8x8 to 4x4 with a dilated kernel instead of a stride."""
+    down = model.c4[0][0]
+    down.stride, down.dilation, down.padding = (1, 1), (2, 2), (0, 0)
+    return model
+
+
+def use_adamw(lr: float) -> None:
+    start = helpers.start_training
+
+    def start_training(model, recipe, steps_per_epoch):
+        t = start(model, replace(recipe, lr=lr), steps_per_epoch)
+        groups = [dict(params=g["params"], weight_decay=0.05 if g["weight_decay"] else 0.0)
+                  for g in t.optimizer.param_groups]
+        t.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+        if t.scheduler is not None:
+            t.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                t.optimizer, max_lr=lr, total_steps=recipe.epochs * steps_per_epoch,
+                pct_start=recipe.pct_start, div_factor=10.0, final_div_factor=100.0)
+        return t
+
+    helpers.start_training = start_training
+
+
+def use_mixup(alpha: float, epochs: int, steps_per_epoch: int, seed: int) -> None:
+    g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    total, step = epochs * steps_per_epoch, [0]
+
+    def train_step(t, x, y, check=True):
+        ramp = min(1.0, step[0] / (total / 2)) if step[0] < total - 5 * steps_per_epoch else 0.0
+        step[0] += 1
+        x, y = helpers.to_input(x, t.device), y.to(t.device, non_blocking=True)
+        b = rng.beta(alpha, alpha)
+        lam = 1 - ramp * (1 - max(b, 1 - b))  # the batch's own labels keep the larger share
+        perm = torch.randperm(len(y), generator=g).to(t.device)
+        with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.device.type == "cuda"):
+            logits = t.model(lam * x + (1 - lam) * x[perm])
+            loss = lam * t.criterion(logits, y) + (1 - lam) * t.criterion(logits, y[perm])
+        if check and not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()}")
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        if t.scheduler is not None:
+            t.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    helpers.train_step = train_step
+
+
+def use_ema(decay: float, epochs: int) -> None:
+    """Keep an EMA of the weights and BatchNorm statistics, updated every step: each epoch is
+    scored with it, and the run ends with it (training itself goes on from the raw weights)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    state: dict = {"scored": 0}
+    step, evaluate = helpers.train_step, helpers.evaluate
+
+    def train_step(t, x, y, check=True):
+        out = step(t, x, y, check)
+        if "ema" not in state:
+            state["model"] = t.model
+            state["ema"] = AveragedModel(t.model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                         use_buffers=True)
+        state["ema"].update_parameters(t.model)
+        return out
+
+    def ema_evaluate(model, batches, tta=False):
+        if state.get("model") is not model or state["scored"] >= epochs:
+            return evaluate(model, batches, tta)
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state["ema"].module.state_dict())
+        state["scored"] += 1
+        result = evaluate(model, batches, tta)
+        if state["scored"] < epochs:  # the last epoch ends with the averaged weights
+            model.load_state_dict(raw)
+        return result
+
+    helpers.train_step, helpers.evaluate = train_step, ema_evaluate
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--extra-credit", action="store_true")
+    p.add_argument("--mixup", type=float)
+    p.add_argument("--ema", type=float)
+    p.add_argument("--adamw", type=float)
+    args, train = p.parse_known_args(argv)
+    train = [a for a in train if a != "--"]
+    parsed = helpers._build_parser().parse_args(["train", *train])
+    recipe = helpers._recipe_from_args(parsed)
+    if args.extra_credit:
+        build = helpers.build_model
+        helpers.build_model = lambda *a, **k: extra_credit(build(*a, **k))
+    if args.adamw:
+        use_adamw(args.adamw)
+    if args.mixup:
+        n = (50_000 if not parsed.train_subset else parsed.train_subset)
+        n = int(n * (1 - (parsed.val_fraction or 0)))
+        use_mixup(args.mixup, recipe.epochs, max(1, n // recipe.batch_size), parsed.seed)
+    if args.ema:
+        use_ema(args.ema, recipe.epochs)
+    return helpers.main(["train", *train])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
