@@ -1491,8 +1491,8 @@ class _RunFolder:
         except OSError as e:
             raise UsageError(f"argument --out: cannot write to {self.out}: {e.strerror}") from None
         try:
-            import fcntl  # POSIX only; elsewhere the folder is not locked
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
         except OSError:
             self.lock.seek(0)
             raise UsageError(f"argument --out: {self.out} is in use by another command (PID "

@@ -25,8 +25,9 @@ from conftest import (TINY, cli, env, helpers_cmd, make_arrays, one_line, rows, 
                       tiny_loaders, train_args, write_image_folder)
 
 # Runs helpers.main in a subprocess and parks it, writing OUT/paused, at a chosen moment:
-# "batch": in the second training batch of epoch 2 (after the checkpoint of epoch 1);
-# "save": in the second save of model.pt, once its temp file is written, before the rename.
+# "first": in the first training batch of the run;
+# "batch": in the second training batch after a model.pt exists (epoch 1's checkpoint);
+# "save": in the second checkpoint save, once its temp file is written, before the rename.
 DRIVER = """
 import os, sys, time
 from pathlib import Path
@@ -36,19 +37,19 @@ count = [0]
 def pause():
     (out / "paused").write_text(str(os.getpid()))
     time.sleep(600)
-if mode == "batch":
+if mode in ("first", "batch"):
     real_to_input = helpers.to_input
     def to_input(x, *a, **k):
-        if (out / "model.pt").exists():
+        if mode == "first" or (out / "model.pt").exists():
             count[0] += 1
-            if count[0] == 2:
+            if count[0] == (1 if mode == "first" else 2):
                 pause()
         return real_to_input(x, *a, **k)
     helpers.to_input = to_input
 else:
     real_replace = os.replace
     def replace(a, b):
-        if str(b).endswith("model.pt"):
+        if str(a).endswith(".tmp") and str(b).endswith("model.pt"):
             count[0] += 1
             if count[0] == 2:
                 pause()
@@ -292,25 +293,23 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
 @pytest.mark.slow
 def test_a_killed_overwrite_gives_the_old_run_back(finished_run, data_dir, tmp_path, capsys):
     before = snapshot(finished_run)
-    proc = _start_paused(tmp_path, finished_run, "save", train_args(
+    proc = _start_paused(tmp_path, finished_run, "first", train_args(
         data_dir, finished_run, "--epochs", "3", "--overwrite"))
-    proc.kill()  # in the new run's second save: its first checkpoint is on disk
+    assert (finished_run / ".replaced").exists() and not (finished_run / "model.pt").exists()
+    proc.kill()  # before the new run's first checkpoint: the old run must come back
     proc.wait(timeout=60)
-    assert not (finished_run / ".replaced").exists()  # dropped once epoch 1 was saved
-    shutil.rmtree(finished_run)
-    cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1"))
-    before = snapshot(finished_run)
-    proc = _start_paused(tmp_path, finished_run, "batch", train_args(
-        data_dir, finished_run, "--epochs", "3", "--overwrite", "--workers", "0"))
-    assert (finished_run / ".replaced").exists()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    (finished_run / "model.pt").unlink()  # as if killed before the first checkpoint
     code, stdout, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
                                                 "--resume"))
     assert code == 0, err
     assert "restored the run" in stdout and "nothing to do" in stdout
     assert snapshot(finished_run) == before
+    proc = _start_paused(tmp_path, finished_run, "save", train_args(
+        data_dir, finished_run, "--epochs", "3", "--overwrite"))
+    proc.kill()  # in the new run's second save: its first checkpoint is on disk
+    proc.wait(timeout=60)
+    assert not (finished_run / ".replaced").exists()  # dropped once epoch 1 was saved
+    code, stdout, err = cli(capsys, *train_args(data_dir, finished_run, "--resume"))
+    assert code == 0 and "keeps epoch 1" in stdout and len(rows(finished_run)) == 3, err
 
 
 @pytest.mark.slow
