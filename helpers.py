@@ -261,7 +261,6 @@ def _download(root: Path, timeout: float) -> None:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)  # torchvision's urlopen calls take no timeout of their own
     try:
-        root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             CIFAR10(str(root), train=train, download=True)
     except Exception as e:  # network and disk errors come in many types
@@ -355,9 +354,8 @@ AUGMENTATION_MAPPING = [
 ]
 
 def exercise_augmentations(mean: Sequence[float], p_flip: float = Recipe.p_flip,
-                           p_affine: float = Recipe.p_affine,
-                           p_dropout: float = Recipe.p_dropout, seed: int | None = None,
-                           record: bool = False) -> Any:
+                           p_affine: float = Recipe.p_affine, p_dropout: float = Recipe.p_dropout,
+                           seed: int | None = None, record: bool = False) -> Any:
     """The exercise's three augmentations on uint8 images (``record``: name what fired)."""
     import albumentations as A
     import cv2
@@ -906,8 +904,8 @@ def predict_logits(model: nn.Module, batches: Iterable, tta: bool = False
 def evaluate(model: nn.Module, batches: Iterable, tta: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``batches`` (tta: with the mirror images)."""
     logits, labels = predict_logits(model, batches, tta)
-    loss = F.cross_entropy(logits, labels)
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+    return (F.cross_entropy(logits, labels).item(),
+            (logits.argmax(1) == labels).float().mean().item())
 
 
 # =========================================================================== checkpoints
@@ -937,8 +935,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # after a failure (a rename leaves nothing to remove)
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Save ``state`` (a plain dict, the weights under "model") atomically; weights holding
@@ -1092,8 +1089,7 @@ def _image_grid(panels: Sequence[tuple], cols: int, size: float = 1.6) -> Any:
     """A figure of (image, title[, heat map]) panels, ``cols`` to a row, axes hidden."""
     import matplotlib.pyplot as plt
     rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size * 1.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size * 1.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, title, *heat) in zip(axes.flat, panels):
@@ -1206,9 +1202,7 @@ def figures_folder(requested: str | os.PathLike | None, smoke: bool,
                    default: str = "images") -> str | None:
     """Where a notebook run saves its figures: ``requested`` ("" for nowhere), else ``default``
     in a full run and nowhere in a smoke run (which so never replaces a full run's figures)."""
-    if requested is not None:
-        return str(requested) or None
-    return None if smoke else default
+    return (str(requested) or None) if requested is not None else (None if smoke else default)
 
 def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
     """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty/None."""
@@ -1256,9 +1250,8 @@ def _cycle(batches: Iterable) -> Iterator:
     while True:
         yield from batches
 
-def bench(data: CifarData, recipe: Recipe | str = "standard",
-          device: torch.device | str | None = None, workers: int | None = None,
-          seconds: float = 8.0) -> dict:
+def bench(data: CifarData, recipe: Recipe | str = "standard", device: torch.device | None = None,
+          workers: int | None = None, seconds: float = 8.0) -> dict:
     """Images/s of the training loader, the training step, both together, and evaluation, as
     ``fit`` runs them: each for ``seconds`` after a warm-up, the middle two in alternating
     rounds (a machine whose speed drifts slows both alike)."""
@@ -1445,9 +1438,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 def run_bench(args: argparse.Namespace) -> dict:
     """``bench`` on the data in ``--data-dir``: one JSON line, then the table."""
     recipe, device = _recipe_from_args(args), _set_up(args)
-    name = args.recipe if recipe == RECIPES[args.recipe] else f"{args.recipe}, modified"
-    result = dict(bench(_read_data(args), recipe, device, args.workers, args.seconds),
-                  recipe=name)
+    result = bench(_read_data(args), args.recipe if recipe == RECIPES[args.recipe] else recipe,
+                   device, args.workers, args.seconds)  # a recipe with options given: "custom"
     print(json.dumps(result))
     print(bench_table(result), flush=True)
     return result
@@ -1503,7 +1495,8 @@ class _RunFolder:
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
-            self._restore() if not (self.out / "model.pt").exists() else shutil.rmtree(self.aside)
+            done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists()
+            shutil.rmtree(self.aside) if done else self._restore()
         return self
 
     def __exit__(self, kind: Any, *_: Any) -> None:
@@ -1514,10 +1507,12 @@ class _RunFolder:
             shutil.rmtree(self.out, ignore_errors=True)  # refused before anything was written
 
     def _restore(self) -> None:
+        complete = (self.aside / ".complete").exists()  # else some old files were never moved
         for name in _RUN_FILES:
-            (self.out / name).unlink(missing_ok=True)
             if (self.aside / name).exists():
                 os.replace(self.aside / name, self.out / name)
+            elif complete:  # a file of the new run
+                (self.out / name).unlink(missing_ok=True)
         shutil.rmtree(self.aside)
         print(f"restored the run in {self.out} that --overwrite had set aside")
 
@@ -1577,10 +1572,15 @@ class _RunFolder:
               meta: dict) -> list[dict]:
         """Train into the folder: config.json, then after every epoch model.pt and log.jsonl,
         at the end weights.pt and summary.json (whose presence marks the run finished)."""
-        if args.overwrite and self.files():
-            self.aside.mkdir()
-            for name in self.files():
+        try:  # --overwrite: the old run is set aside, to come back if the new one fails
+            for name in self.files() if args.overwrite else ():
+                self.aside.mkdir(exist_ok=True)
                 os.replace(self.out / name, self.aside / name)
+            if self.aside.exists():
+                (self.aside / ".complete").touch()
+        except OSError as e:
+            raise WriteError(f"cannot set the old run aside in {self.aside}: {e.strerror}"
+                             ) from None
         if not (self.out / "config.json").exists():
             _write_atomic(self.out / "config.json", json.dumps(meta, indent=2).encode())
 

@@ -123,7 +123,7 @@ def check_output(out: str) -> dict:
     r = json.loads(first)
     check_consistent(r, eval_set=20)
     assert (r["recipe"], r["batch_size"], r["threads"], r["seconds"]) == (
-        "standard, modified", 8, 1, SECONDS)
+        "custom", 8, 1, SECONDS)  # the standard recipe with options given
     recipe = helpers.Recipe(widths=TINY, batch_size=8)
     assert r["macs"] == helpers.count_macs(helpers.build_model(recipe))
     check_table(r, "\n".join(table))

@@ -93,3 +93,9 @@ def test_every_guard_row_names_tests_that_exist():
         for file, test in names:
             assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(), flags=re.M), \
                 (file, test)
+
+
+@pytest.mark.parametrize("name, text", [("README.md", README), ("EXPERIMENTS.md", EXPERIMENTS),
+                                        ("the notebook's text", NOTEBOOK_TEXT)])
+def test_no_placeholder_is_left(name, text):
+    assert not re.findall(r"__[A-Z][A-Z_]+__", text), name

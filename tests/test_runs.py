@@ -413,6 +413,29 @@ def test_a_write_failure_is_one_line_and_keeps_the_last_good_checkpoint(partial_
     assert res.returncode == 0 and len(rows(partial_run)) == 3
 
 
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_set_aside_that_fails_is_one_line_and_loses_nothing(fail_at, finished_run, data_dir,
+                                                              capsys, monkeypatch):
+    """--overwrite cannot move the old run aside (a permission refused after 0 or 2 files):
+    the command ends in one line, status 74, and every file of the old run is back."""
+    before, real, moved = snapshot(finished_run), os.replace, []
+
+    def refuse(a, b):
+        if ".replaced" in str(b):
+            moved.append(b)
+            if len(moved) == fail_at:
+                raise PermissionError(13, "Permission denied")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "2",
+                                           "--overwrite"))
+    monkeypatch.undo()
+    assert code == 74 and "cannot set the old run aside" in one_line(err)
+    assert "Permission denied" in err and snapshot(finished_run) == before
+    assert not (finished_run / ".replaced").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_unwritable_overwrite_target_is_one_line(finished_run, data_dir, capsys):
     finished_run.chmod(0o500)
