@@ -161,7 +161,7 @@ def test_smoke_runs_leave_the_repository_clean(headless, interactive):
 def test_headless_run_has_no_widgets_or_noise(headless):
     nb, _, _ = headless
     assert not [o for o in _outputs(nb) if WIDGET_MIME in o.get("data", {})]
-    assert "widgets" not in nb.metadata
+    assert nb.metadata.get("widgets") == _nb().metadata.get("widgets")  # none of its own
     text = _text(_outputs(nb))
     assert "PosixPath(" not in text and "it/s]" not in text
 
