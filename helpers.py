@@ -100,8 +100,7 @@ class Recipe:
                     and meta["ok"](value)):
                 raise ValueError(f"Recipe.{f.name}: expected {meta['words']}, got {value!r}")
 
-# "standard": the notebook's default; "accurate": its net for 50 epochs; "fast": 10 epochs of a
-# net without the block at 32x32; "small": under 50,000 parameters, trained longer.
+# The notebook's default; its net for 50 epochs; a net for 10 epochs; one under 50k parameters.
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(),
     "accurate": Recipe(epochs=50),
@@ -111,14 +110,13 @@ RECIPES: dict[str, Recipe] = {
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-# The commonly quoted statistics of the official training split (0..1 scale).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # as usually quoted for the official training split,
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # on the 0..1 scale
 
 
 # =========================================================================== setup
 def get_device(verbose: bool = True) -> torch.device:
-    """Pick CUDA, then Apple MPS, then CPU, and say which (CPU comes with a plain warning)."""
+    """Pick CUDA, then Apple MPS, then CPU, and say which."""
     if torch.cuda.is_available():
         device, msg = torch.device("cuda"), f"Using GPU: {torch.cuda.get_device_name(0)}"
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -1523,8 +1521,9 @@ class _RunFolder:
         try:
             self.epoch = int(_read_checkpoint(self.out / "model.pt")["epoch"])
             return f"{self.out}/model.pt keeps epoch {self.epoch}"
-        except CheckpointError as e:
-            return f"{e}" if (self.out / "model.pt").exists() else "no checkpoint yet"
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            return (str(e) if isinstance(e, CheckpointError) else f"{self.out}/model.pt holds no "
+                    "epoch") if (self.out / "model.pt").exists() else "no checkpoint yet"
 
     def previous(self, resume: bool, overwrite: bool) -> dict | None:
         """The earlier run's config to continue, or None; refuses what the flags do not allow."""
@@ -1546,9 +1545,12 @@ class _RunFolder:
         if finished:
             summary = _read_json(self.out / "summary.json", [f"final_{config['eval_split']}_acc"])
             state = _read_checkpoint(self.out / "model.pt")
-            last = state.get("history", [{}])[-1].get("eval_acc")
-            if state.get("epoch") != config["recipe"].get("epochs") or \
-                    last != summary[f"final_{config['eval_split']}_acc"]:
+            try:
+                agree = state["epoch"] == config["recipe"]["epochs"] and \
+                    state["history"][-1]["eval_acc"] == summary[f"final_{config['eval_split']}_acc"]
+            except (KeyError, IndexError, TypeError):
+                agree = False
+            if not agree:
                 raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
                                  "--overwrite to start again")
         elif (self.out / "model.pt").exists():
@@ -1568,8 +1570,8 @@ class _RunFolder:
                 print(f"note: resuming with {'; '.join(diffs)}: results may differ from a run "
                       "that was never interrupted")
 
-    def train(self, args: argparse.Namespace, model: Net, recipe: Recipe, loaders: tuple,
-              meta: dict) -> list[dict]:
+    def train(self, args: argparse.Namespace, model: Net, recipe: Recipe,
+              train_loader: DataLoader, batches: TensorBatches, meta: dict) -> list[dict]:
         """Train into the folder: config.json, then after every epoch model.pt and log.jsonl,
         at the end weights.pt and summary.json (whose presence marks the run finished)."""
         try:  # --overwrite: the old run is set aside, to come back if the new one fails
@@ -1592,14 +1594,12 @@ class _RunFolder:
                           "".join(json.dumps(row) + "\n" for row in history).encode())
             print(format_row(history[-1], meta["eval_split"], recipe.epochs), flush=True)
 
-        train_loader, batches = loaders
         history = fit(model, recipe, train_loader, batches, self.out / "model.pt",
                       resume=args.resume, progress=not args.no_progress, log=log)
         split = meta["eval_split"]
         summary = {f"final_{split}_acc": history[-1]["eval_acc"],
                    f"final_{split}_acc_flip_tta": evaluate(model, batches, tta=True)[1],
-                   "median_epoch_seconds": float(np.median([h["seconds"] for h in history])),
-                   "median_images_per_s": float(np.median([h["images_per_s"] for h in history]))}
+                   "median_epoch_seconds": float(np.median([h["seconds"] for h in history]))}
         save_weights(self.out / "weights.pt", model, dict(meta, **summary), history)
         _write_atomic(self.out / "summary.json", json.dumps({**meta, **summary}, indent=2).encode())
         print(json.dumps(summary))
@@ -1652,7 +1652,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                         versions=dict(torch=torch.__version__, numpy=np.__version__))
             folder.refuse_changes(prev, meta)
             print(json.dumps(meta))
-            return folder.train(args, model, recipe, (loader, batches), meta)
+            return folder.train(args, model, recipe, loader, batches, meta)
         except KeyboardInterrupt as e:
             e.kept = (f": {folder.out}/model.pt keeps epoch {folder.epoch}; continue with "
                       "--resume" if folder.epoch else f": no epoch of {folder.out} finished")

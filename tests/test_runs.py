@@ -353,6 +353,20 @@ def test_damaged_run_files_are_refused_naming_the_file(name, text, says, finishe
         assert "no checkpoint yet" not in err
 
 
+def test_run_files_of_the_wrong_kind_are_refused_in_one_line(finished_run, data_dir, capsys):
+    config = json.loads((finished_run / "config.json").read_text())
+    (finished_run / "config.json").write_text(json.dumps(dict(config, recipe=5)))
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "summary.json does not agree with model.pt" in one_line(err)
+    (finished_run / "config.json").write_text(json.dumps(config))
+    shutil.copy(finished_run / "weights.pt", finished_run / "model.pt")  # weights, no epoch
+    (finished_run / "summary.json").unlink()
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1"))
+    assert code == 2 and "model.pt holds no epoch" in one_line(err)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "cannot be resumed: it lacks optimizer" in one_line(err)
+
+
 def test_a_checkpoint_of_another_run_is_refused(data_dir, tmp_path, capsys, monkeypatch):
     runs = {}
     for seed in (0, 1):
