@@ -58,25 +58,22 @@ def use_mixup(alpha: float, epochs: int, steps_per_epoch: int, seed: int) -> Non
     g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     total, step = epochs * steps_per_epoch, [0]
 
+    step_once = helpers.train_step
+
     def train_step(t, x, y, check=True):
+        """The library's step on a mixed batch: the model sees lam*x + (1-lam)*x[perm] and the
+        loss mixes the two label sets alike (lam ramps from 1 to the Beta draw, then back to
+        1 for the last five epochs)."""
         ramp = min(1.0, step[0] / (total / 2)) if step[0] < total - 5 * steps_per_epoch else 0.0
         step[0] += 1
-        x, y = helpers.to_input(x, t.device), y.to(t.device, non_blocking=True)
         b = rng.beta(alpha, alpha)
         lam = 1 - ramp * (1 - max(b, 1 - b))  # the batch's own labels keep the larger share
         perm = torch.randperm(len(y), generator=g).to(t.device)
-        with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.device.type == "cuda"):
-            logits = t.model(lam * x + (1 - lam) * x[perm])
-            loss = lam * t.criterion(logits, y) + (1 - lam) * t.criterion(logits, y[perm])
-        if check and not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()}")
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scaler.scale(loss).backward()
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        if t.scheduler is not None:
-            t.scheduler.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        y_perm = y.to(t.device)[perm]
+        mixed = replace(t, model=lambda inp: t.model(lam * inp + (1 - lam) * inp[perm]),
+                        criterion=lambda logits, target: lam * t.criterion(logits, target)
+                        + (1 - lam) * t.criterion(logits, y_perm))
+        return step_once(mixed, x, y, check)
 
     helpers.train_step = train_step
 
