@@ -1631,15 +1631,15 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     with _RunFolder(Path(args.out)) as folder:
         try:
             prev = folder.previous(args.resume, args.overwrite)
-            if prev is not None and prev["finished"]:
-                print(f"--resume: the run in {folder.out} is finished: nothing to do")
-                return []
-            device = _set_up(args, (prev or {}).get("threads"))
             workers = args.workers if args.workers is not None else (prev or {}).get("workers")
             options = dict(recipe=asdict(recipe), seed=args.seed, train_subset=args.train_subset,
                            test_subset=args.test_subset, val_fraction=args.val_fraction)
             folder.refuse_changes(prev, dict(options, workers=workers) if workers is not None
                                   else options)
+            if prev is not None and prev["finished"]:
+                print(f"--resume: the run in {folder.out} is finished: nothing to do")
+                return []
+            device = _set_up(args, (prev or {}).get("threads"))
             data = _read_data(args)
             x_y, split = _split_data(args, data)
             set_seed(args.seed)

@@ -394,6 +394,16 @@ def test_resume_with_other_options_is_refused(partial_run, data_dir, capsys):
     assert snapshot(partial_run) == before
 
 
+def test_resume_of_a_finished_run_with_other_options_is_refused(finished_run, data_dir, capsys):
+    before = snapshot(finished_run)
+    args = train_args(data_dir, finished_run, "--epochs", "1", "--resume")
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "is finished: nothing to do" in out, err
+    for extra, says in ((["--seed", "3"], "seed 0 -> 3"), (["--lr", "0.1"], "recipe.lr 0.2 -> 0.1")):
+        code, _, err = cli(capsys, *args, *extra)
+        assert code == 2 and says in one_line(err), err
+    assert snapshot(finished_run) == before
+
 def test_config_records_what_changes_results(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     for key in ("recipe", "recipe_name", "seed", "workers", "threads", "device", "data",
