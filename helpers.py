@@ -102,8 +102,7 @@ class Recipe:
 
 # The notebook's default; its net for 50 epochs; a net for 10 epochs; one under 50k parameters.
 RECIPES: dict[str, Recipe] = {
-    "standard": Recipe(),
-    "accurate": Recipe(epochs=50),
+    "standard": Recipe(), "accurate": Recipe(epochs=50),
     "fast": Recipe(epochs=10, widths=(24, 64, 96, 160), depths=(0, 1, 1, 1)),
     "small": Recipe(epochs=60, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1)),
 }
@@ -1521,9 +1520,10 @@ class _RunFolder:
         try:
             self.epoch = int(_read_checkpoint(self.out / "model.pt")["epoch"])
             return f"{self.out}/model.pt keeps epoch {self.epoch}"
-        except (CheckpointError, KeyError, TypeError, ValueError) as e:
-            return (str(e) if isinstance(e, CheckpointError) else f"{self.out}/model.pt holds no "
-                    "epoch") if (self.out / "model.pt").exists() else "no checkpoint yet"
+        except CheckpointError as e:
+            return str(e) if (self.out / "model.pt").exists() else "no checkpoint yet"
+        except (KeyError, TypeError, ValueError):  # a dict without an integer epoch
+            return f"{self.out}/model.pt holds no epoch"
 
     def previous(self, resume: bool, overwrite: bool) -> dict | None:
         """The earlier run's config to continue, or None; refuses what the flags do not allow."""

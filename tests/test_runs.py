@@ -404,6 +404,7 @@ def test_resume_of_a_finished_run_with_other_options_is_refused(finished_run, da
         assert code == 2 and says in one_line(err), err
     assert snapshot(finished_run) == before
 
+
 def test_config_records_what_changes_results(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     for key in ("recipe", "recipe_name", "seed", "workers", "threads", "device", "data",
