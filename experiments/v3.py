@@ -13,8 +13,9 @@ them earns a place in helpers.py. Each option changes one thing of ``helpers.py 
   --adamw LR      AdamW (weight decay 0.05 on conv and linear weights) instead of SGD, with
                   the recipe's OneCycle schedule peaking at LR
 
-Randomness added here (mixup) is seeded from --seed, but a run stopped and resumed does not
-draw the same mixing as one never stopped: screens run straight through.
+Each option survives ``--resume``: mixup's draws are a pure function of (--seed, step), and the
+EMA is saved beside each checkpoint (``ema-<epoch>.pt`` in --out), so a run stopped and resumed
+ends as one never stopped.
 """
 from __future__ import annotations
 
@@ -54,21 +55,25 @@ def use_adamw(lr: float) -> None:
     helpers.start_training = start_training
 
 
-def use_mixup(alpha: float, epochs: int, steps_per_epoch: int, seed: int) -> None:
-    g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    total, step = epochs * steps_per_epoch, [0]
+def _steps(t: helpers.Training, epochs: int) -> tuple[int, int]:
+    """(steps taken so far, steps per epoch): the schedule counts them and is checkpointed."""
+    return t.scheduler.last_epoch, t.scheduler.total_steps // epochs
 
+
+def use_mixup(alpha: float, epochs: int, seed: int) -> None:
     step_once = helpers.train_step
 
     def train_step(t, x, y, check=True):
         """The library's step on a mixed batch: the model sees lam*x + (1-lam)*x[perm] and the
         loss mixes the two label sets alike (lam ramps from 1 to the Beta draw, then back to
         1 for the last five epochs)."""
-        ramp = min(1.0, step[0] / (total / 2)) if step[0] < total - 5 * steps_per_epoch else 0.0
-        step[0] += 1
+        step, steps_per_epoch = _steps(t, epochs)
+        total = epochs * steps_per_epoch
+        ramp = min(1.0, step / (total / 2)) if step < total - 5 * steps_per_epoch else 0.0
+        rng = np.random.default_rng([seed, step])
         b = rng.beta(alpha, alpha)
         lam = 1 - ramp * (1 - max(b, 1 - b))  # the batch's own labels keep the larger share
-        perm = torch.randperm(len(y), generator=g).to(t.device)
+        perm = torch.from_numpy(rng.permutation(len(y))).to(t.device)
         y_perm = y.to(t.device)[perm]
         mixed = replace(t, model=lambda inp: t.model(lam * inp + (1 - lam) * inp[perm]),
                         criterion=lambda logits, target: lam * t.criterion(logits, target)
@@ -78,30 +83,37 @@ def use_mixup(alpha: float, epochs: int, steps_per_epoch: int, seed: int) -> Non
     helpers.train_step = train_step
 
 
-def use_ema(decay: float, epochs: int) -> None:
+def use_ema(decay: float, epochs: int, out: Path) -> None:
     """Keep an EMA of the weights and BatchNorm statistics, updated every step: each epoch is
-    scored with it, and the run ends with it (training itself goes on from the raw weights)."""
+    scored with it, and the run ends with it (training itself goes on from the raw weights).
+    The EMA of epoch e is saved as ``out/ema-<e>.pt`` before that epoch's checkpoint."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    state: dict = {"scored": 0}
+    state: dict = {}
     step, evaluate = helpers.train_step, helpers.evaluate
 
     def train_step(t, x, y, check=True):
-        out = step(t, x, y, check)
         if "ema" not in state:
-            state["model"] = t.model
+            done, steps_per_epoch = _steps(t, epochs)
+            state["t"], done = t, done // steps_per_epoch
             state["ema"] = AveragedModel(t.model, multi_avg_fn=get_ema_multi_avg_fn(decay),
                                          use_buffers=True)
+            if done:  # resumed after epoch `done`: continue its average
+                state["ema"].load_state_dict(torch.load(out / f"ema-{done}.pt")["model"])
+        out_ = step(t, x, y, check)
         state["ema"].update_parameters(t.model)
-        return out
+        return out_
 
     def ema_evaluate(model, batches, tta=False):
-        if state.get("model") is not model or state["scored"] >= epochs:
-            return evaluate(model, batches, tta)
+        t = state.get("t")
+        if t is None or t.model is not model or _steps(t, epochs)[0] % _steps(t, epochs)[1]:
+            return evaluate(model, batches, tta)  # not an end-of-epoch score of this run
+        epoch = _steps(t, epochs)[0] // _steps(t, epochs)[1]
+        helpers.save_checkpoint(out / f"ema-{epoch}.pt", dict(model=state["ema"].state_dict()))
+        (out / f"ema-{epoch - 2}.pt").unlink(missing_ok=True)
         raw = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state["ema"].module.state_dict())
-        state["scored"] += 1
         result = evaluate(model, batches, tta)
-        if state["scored"] < epochs:  # the last epoch ends with the averaged weights
+        if epoch < epochs:  # the last epoch ends with the averaged weights
             model.load_state_dict(raw)
         return result
 
@@ -124,11 +136,9 @@ def main(argv: list[str]) -> int:
     if args.adamw:
         use_adamw(args.adamw)
     if args.mixup:
-        n = (50_000 if not parsed.train_subset else parsed.train_subset)
-        n = int(n * (1 - (parsed.val_fraction or 0)))
-        use_mixup(args.mixup, recipe.epochs, max(1, n // recipe.batch_size), parsed.seed)
+        use_mixup(args.mixup, recipe.epochs, parsed.seed)
     if args.ema:
-        use_ema(args.ema, recipe.epochs)
+        use_ema(args.ema, recipe.epochs, Path(parsed.out))
     return helpers.main(["train", *train])
 
 
