@@ -627,11 +627,11 @@ def _layer_label(model: nn.Module, name: str) -> str:
             siblings = [m for m in parent.children() if isinstance(m, Residual)]
             words.append(f"residual {siblings.index(child) + 1}")
         elif isinstance(child, (ConvBNAct, DepthwiseSeparable)):
-            sep = isinstance(child, DepthwiseSeparable)
+            sep, first = isinstance(child, DepthwiseSeparable), child[0]
             if prev == "body":  # one of the two convs of a residual block
                 words.append(f"{'separable' if sep else 'conv'} {int(key) + 1}")
-            elif _pair(child[0].stride) > 1:
-                words.append("downsample")
+            elif _pair(first.stride) > 1 or _pair(first.padding) < _pair(first.dilation):
+                words.append("downsample")  # strided, or dilated without enough padding
             else:
                 words.append("stem" if parts[0] == "c1" and key == "0"
                              else "separable" if sep else "conv")

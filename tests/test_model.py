@@ -189,6 +189,17 @@ def test_each_downsampler_has_its_own_row():
     assert "8x8 -> 4x4" in df.loc[rows[2], "measured"]
 
 
+
+def test_dilated_downsampler_is_named_and_allowed():
+    """The extra credit: C4 shrinks 8x8 -> 4x4 by a 3x3 depthwise conv of dilation 2, no padding."""
+    model = helpers.Net(SMALL)
+    down = model.c4[0][0]
+    down.stride, down.dilation, down.padding = (1, 1), (2, 2), (0, 0)
+    df = helpers.check_rules(model).set_index("rule")
+    assert df["passed"].all(), df.to_string()
+    row = df.loc["downsampling: C4 downsample, depthwise", "measured"]
+    assert "stride 1, dilation 2: 8x8 -> 4x4" in row
+
 def test_small_net_passes_every_rule():
     assert _failing(helpers.Net(SMALL)) == set()
 
