@@ -28,6 +28,10 @@ RUNS = {
     "mixup": (["--mixup", "0.2"], []),
     "ema": (["--ema", "0.999"], []),
     "adamw-ema-mixup": (["--adamw", "0.004", "--ema", "0.999", "--mixup", "0.2"], []),
+    # the CPU's first long candidate, alone and with mixup and EMA
+    "extra-credit-aug50": (["--extra-credit"], ["--p-affine", "0.5", "--p-dropout", "0.5"]),
+    "extra-credit-aug50-mixup-ema": (["--extra-credit", "--mixup", "0.2", "--ema", "0.999"],
+                                     ["--p-affine", "0.5", "--p-dropout", "0.5"]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
     "deeper-c2": (["--extra-credit"], ["--widths", "32", "48", "96", "128", "--depths", "1", "2",
                                        "1", "1"]),
