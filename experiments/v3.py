@@ -97,21 +97,24 @@ def use_ema(decay: float, epochs: int, out: Path) -> None:
 
     def train_step(t, x, y, check=True):
         if "ema" not in state:
-            done, steps_per_epoch = _steps(t, epochs)
-            state["t"], done = t, done // steps_per_epoch
+            steps, per_epoch = _steps(t, epochs)
+            state["t"] = t
             state["ema"] = AveragedModel(t.model, multi_avg_fn=get_ema_multi_avg_fn(decay),
                                          use_buffers=True)
-            if done:  # resumed after epoch `done`: continue its average
-                state["ema"].load_state_dict(torch.load(out / f"ema-{done}.pt")["model"])
-        out_ = step(t, x, y, check)
+            if steps:  # resumed after epoch steps // per_epoch: continue its average
+                saved = torch.load(out / f"ema-{steps // per_epoch}.pt")["model"]
+                state["ema"].load_state_dict(saved)
+        result = step(t, x, y, check)
         state["ema"].update_parameters(t.model)
-        return out_
+        return result
 
     def ema_evaluate(model, batches, tta=False):
         t = state.get("t")
-        if t is None or t.model is not model or _steps(t, epochs)[0] % _steps(t, epochs)[1]:
-            return evaluate(model, batches, tta)  # not an end-of-epoch score of this run
-        epoch = _steps(t, epochs)[0] // _steps(t, epochs)[1]
+        if t is None or t.model is not model:
+            return evaluate(model, batches, tta)  # not this run's model
+        epoch, part = divmod(*_steps(t, epochs))
+        if part:
+            return evaluate(model, batches, tta)  # not at an epoch's end
         helpers.save_checkpoint(out / f"ema-{epoch}.pt", dict(model=state["ema"].state_dict()))
         (out / f"ema-{epoch - 2}.pt").unlink(missing_ok=True)
         raw = {k: v.clone() for k, v in model.state_dict().items()}

@@ -189,7 +189,6 @@ def test_each_downsampler_has_its_own_row():
     assert "8x8 -> 4x4" in df.loc[rows[2], "measured"]
 
 
-
 def test_dilated_downsampler_is_named_and_allowed():
     """The extra credit: C4 shrinks 8x8 -> 4x4 by a 3x3 depthwise conv of dilation 2, no padding."""
     model = helpers.Net(SMALL)
@@ -199,6 +198,7 @@ def test_dilated_downsampler_is_named_and_allowed():
     assert df["passed"].all(), df.to_string()
     row = df.loc["downsampling: C4 downsample, depthwise", "measured"]
     assert "stride 1, dilation 2: 8x8 -> 4x4" in row
+
 
 def test_small_net_passes_every_rule():
     assert _failing(helpers.Net(SMALL)) == set()
