@@ -32,6 +32,9 @@ RUNS = {
     "extra-credit-aug50": (["--extra-credit"], ["--p-affine", "0.5", "--p-dropout", "0.5"]),
     "extra-credit-aug50-mixup-ema": (["--extra-credit", "--mixup", "0.2", "--ema", "0.999"],
                                      ["--p-affine", "0.5", "--p-dropout", "0.5"]),
+    # the CPU's second: C3's downsampler dilated too (16x16 -> 12x12 -> 8x8)
+    "dilated-c3-aug50": (["--extra-credit", "--dilated-c3"], ["--p-affine", "0.5",
+                                                              "--p-dropout", "0.5"]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
     "deeper-c2": (["--extra-credit"], ["--widths", "32", "48", "96", "128", "--depths", "1", "2",
                                        "1", "1"]),
