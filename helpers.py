@@ -25,6 +25,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
+def _interrupted_early(signum: int, frame: Any) -> NoReturn:
+    print(f"helpers.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    sys.exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM
+
+if __name__ == "__main__":  # a signal while numpy and torch load: one line, no traceback
+    signal.signal(signal.SIGINT, _interrupted_early)
+    signal.signal(signal.SIGTERM, _interrupted_early)
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -43,8 +51,7 @@ __all__ = [
     "load_model", "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs",
     "class_report", "grad_cam", "plot_samples", "plot_pipeline", "plot_history",
     "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field", "figures_folder",
-    "save_figure", "bench", "bench_table", "main",
-]
+    "save_figure", "bench", "bench_table", "main"]
 
 
 # =========================================================================== the recipe
@@ -104,8 +111,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(), "accurate": Recipe(epochs=50),
     "fast": Recipe(epochs=10, widths=(24, 64, 96, 160), depths=(0, 1, 1, 1)),
-    "small": Recipe(epochs=60, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1)),
-}
+    "small": Recipe(epochs=60, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1))}
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -347,8 +353,7 @@ AUGMENTATION_MAPPING = [
      "renamed: the *_range arguments came in 1.4.5, fill and fill_mask in 1.4.22, and 2.0 "
      "removed the old names: an old name is ignored with only a warning and the defaults "
      "apply (1-2 holes of 10-20% of the side, filled black). The fill is in pixel units "
-     "because the hole is cut before normalisation"),
-]
+     "because the hole is cut before normalisation")]
 
 def exercise_augmentations(mean: Sequence[float], p_flip: float = Recipe.p_flip,
                            p_affine: float = Recipe.p_affine, p_dropout: float = Recipe.p_dropout,
@@ -614,8 +619,7 @@ def _block_of(name: str) -> str:
     return head.upper() if head in ("c1", "c2", "c3", "c4") else "-"
 
 def _layer_label(model: nn.Module, name: str) -> str:
-    """A readable name for the layer at ``name`` in a ``Net`` ("residual 1, conv 2"); layers
-    of other models keep their module path."""
+    """A readable name for layer ``name`` of a ``Net`` ("residual 1, conv 2"), else its path."""
     parts = name.split(".")
     if len(parts) < 2 or _block_of(name) == "-":
         return name
@@ -670,8 +674,7 @@ def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     feats = getattr(model, "features", model)
     x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
     out = feats(x)
-    h, w = out.shape[-2:]
-    out[0, :, h // 2, w // 2].sum().backward()
+    out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()  # the centre unit
     rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
     return int(rows.max() - rows.min() + 1)
 
@@ -718,8 +721,7 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
         ("global average pooling", "present", str(len(gap)), len(gap) >= 1),
         ("receptive field", "> 44", str(rf), rf > 44),
         ("downsampling layers", "3, each a 3x3 conv of stride 2 (or dilated)", str(len(downs)),
-         len(downs) == 3 and all(ok for *_, ok in downs)),
-    ]
+         len(downs) == 3 and all(ok for *_, ok in downs))]
     rules += [(f"downsampling: {where}", "3x3 conv, stride 2 (or dilated)", what, ok)
               for where, what, ok in downs]
     return pd.DataFrame(rules, columns=["rule", "required", "measured", "passed"])
@@ -991,17 +993,25 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     missing = [k for k in ("optimizer", "scheduler", "scaler", "run", "history") if k not in state]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}")
-    diffs = _differences(state["run"], run)
+    diffs = _differences(state["run"], run) if isinstance(state["run"], dict) else ["run"]
     if diffs:
         raise CheckpointError(f"{path} belongs to another run ({'; '.join(diffs)})")
     try:
+        epochs = [row["epoch"] for row in state["history"]]
         t.model.load_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         if t.scheduler is not None:
             t.scheduler.load_state_dict(state["scheduler"])
         t.scaler.load_state_dict(state["scaler"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        if any(v.shape != p.shape for p, s in t.optimizer.state.items() for v in s.values()
+               if torch.is_tensor(v) and v.ndim):  # torch checks this only at the next step
+            raise ValueError("the optimizer's state does not match the weights")
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path} does not fit this model: {e}") from None
+    steps = getattr(t.scheduler, "last_epoch", len(epochs) * run["steps_per_epoch"])
+    if epochs != list(range(1, len(epochs) + 1)) or state.get("epoch") != len(epochs) or \
+            steps != len(epochs) * run["steps_per_epoch"]:
+        raise CheckpointError(f"{path} is damaged: its history, epoch and schedule disagree")
     return list(state["history"])
 
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
@@ -1130,7 +1140,7 @@ def plot_history(history: Sequence[dict], split: str = "test") -> Any:
     """Loss, accuracy and learning rate per epoch; ``split`` names what was evaluated."""
     import matplotlib.pyplot as plt
     ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="tight")
     for ax, what, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
         ax.plot(ep, [scale * h[f"train_{what}"] for h in history], marker="o", label="train")
         ax.plot(ep, [scale * h[f"eval_{what}"] for h in history], marker="o", label=split)
@@ -1141,7 +1151,6 @@ def plot_history(history: Sequence[dict], split: str = "test") -> Any:
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
-    fig.tight_layout()
     return fig
 
 def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels: np.ndarray,
@@ -1167,18 +1176,17 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
     share = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig, ax = plt.subplots(figsize=(8, 6.5), layout="tight")
     sns.heatmap(share, annot=True, fmt=".0f", cmap="Blues", xticklabels=classes,
                 yticklabels=classes, ax=ax, cbar=False, vmin=0, vmax=100)
     ax.set(xlabel="predicted", ylabel="true", title="% of each true class")
-    fig.tight_layout()
     return fig
 
 def plot_receptive_field(table: Any) -> Any:
     """Receptive field after each layer of a ``receptive_field_table``, with the 44 bar."""
     import matplotlib.pyplot as plt
     colors = {"conv": "tab:blue", "depthwise": "tab:orange", "pointwise": "tab:grey"}
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(table) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(table) + 1.2), layout="tight")
     y = np.arange(len(table))[::-1]
     for kind in table["kind"].unique():  # one colour, and one legend entry, per kind of layer
         rows = (table["kind"] == kind).to_numpy()
@@ -1192,7 +1200,6 @@ def plot_receptive_field(table: Any) -> Any:
     ax.axvline(44, color="red", ls="--", lw=1, label="rule: RF > 44")
     ax.set_xlabel("receptive field after the layer (pixels)")
     ax.legend(fontsize=9, loc="upper right")
-    fig.tight_layout()
     return fig
 
 def figures_folder(requested: str | os.PathLike | None, smoke: bool,
@@ -1214,8 +1221,7 @@ BENCH_ROUNDS = 4  # alternations of model-only and end-to-end timing in ``bench`
 
 def _pipeline(recipe: Recipe, data: CifarData, x_y: tuple, device: torch.device,
               workers: int | None, seed: int) -> tuple[DataLoader, TensorBatches, Net, dict]:
-    """The recipe's training loader, evaluation batches, model and normalisation, from ``x_y``
-    (train images, labels, eval images, labels), seeded by ``seed``."""
+    """The recipe's training loader, evaluation batches, model and normalisation from ``x_y``."""
     x_tr, y_tr, x_ev, y_ev = x_y
     mean, std = compute_mean_std(x_tr)
     augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
@@ -1249,9 +1255,8 @@ def _cycle(batches: Iterable) -> Iterator:
 
 def bench(data: CifarData, recipe: Recipe | str = "standard", device: torch.device | None = None,
           workers: int | None = None, seconds: float = 8.0) -> dict:
-    """Images/s of the training loader, the training step, both together, and evaluation, as
-    ``fit`` runs them: each for ``seconds`` after a warm-up, the middle two in alternating
-    rounds (a machine whose speed drifts slows both alike)."""
+    """Images/s of the loader, the training step, both as ``fit`` runs them (alternating rounds:
+    drift slows both alike) and evaluation, each for ``seconds`` after a warm-up."""
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise ValueError(f"no recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     name, recipe = (recipe, RECIPES[recipe]) if isinstance(recipe, str) else ("custom", recipe)
@@ -1492,7 +1497,8 @@ class _RunFolder:
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
-            done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists()
+            done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
+                and not (self.aside / ".restoring").exists()
             shutil.rmtree(self.aside) if done else self._restore()
         return self
 
@@ -1504,11 +1510,13 @@ class _RunFolder:
             shutil.rmtree(self.out, ignore_errors=True)  # refused before anything was written
 
     def _restore(self) -> None:
-        complete = (self.aside / ".complete").exists()  # else some old files were never moved
+        (self.aside / ".restoring").touch()  # if stopped again, the next command goes on
+        complete = self.aside / ".complete"  # else some old files were never moved
+        old = complete.read_text().split() if complete.exists() else _RUN_FILES
         for name in _RUN_FILES:
             if (self.aside / name).exists():
                 os.replace(self.aside / name, self.out / name)
-            elif complete:  # a file of the new run
+            elif name not in old:  # a file of the new run
                 (self.out / name).unlink(missing_ok=True)
         shutil.rmtree(self.aside)
         print(f"restored the run in {self.out} that --overwrite had set aside")
@@ -1546,9 +1554,10 @@ class _RunFolder:
             summary = _read_json(self.out / "summary.json", [f"final_{config['eval_split']}_acc"])
             state = _read_checkpoint(self.out / "model.pt")
             try:
-                agree = state["epoch"] == config["recipe"]["epochs"] and \
+                agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
+                    state["run"], {k: config[k] for k in ("recipe", "seed")}) and \
                     state["history"][-1]["eval_acc"] == summary[f"final_{config['eval_split']}_acc"]
-            except (KeyError, IndexError, TypeError):
+            except (KeyError, IndexError, TypeError, AttributeError):
                 agree = False
             if not agree:
                 raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
@@ -1578,24 +1587,32 @@ class _RunFolder:
             for name in self.files() if args.overwrite else ():
                 self.aside.mkdir(exist_ok=True)
                 os.replace(self.out / name, self.aside / name)
-            if self.aside.exists():
-                (self.aside / ".complete").touch()
+            if self.aside.exists():  # the names set aside, once all are
+                (self.aside / ".complete").write_text(" ".join(os.listdir(self.aside)))
         except OSError as e:
             raise WriteError(f"cannot set the old run aside in {self.aside}: {e.strerror}"
                              ) from None
         if not (self.out / "config.json").exists():
             _write_atomic(self.out / "config.json", json.dumps(meta, indent=2).encode())
 
+        def write_log(history: list[dict]) -> None:
+            _write_atomic(self.out / "log.jsonl",
+                          "".join(json.dumps(row) + "\n" for row in history).encode())
+
         def log(history: list[dict]) -> None:  # called once model.pt holds the epoch
             self.epoch = history[-1]["epoch"]
             if self.aside.exists():  # the new run has a checkpoint of its own now
                 shutil.rmtree(self.aside)
-            _write_atomic(self.out / "log.jsonl",
-                          "".join(json.dumps(row) + "\n" for row in history).encode())
+            write_log(history)
             print(format_row(history[-1], meta["eval_split"], recipe.epochs), flush=True)
 
-        history = fit(model, recipe, train_loader, batches, self.out / "model.pt",
-                      resume=args.resume, progress=not args.no_progress, log=log)
+        try:
+            history = fit(model, recipe, train_loader, batches, self.out / "model.pt",
+                          resume=args.resume, progress=not args.no_progress, log=log)
+        except KeyboardInterrupt:
+            self._checkpoint_note()  # the epoch model.pt holds, logged or not
+            raise
+        write_log(history)  # again: a stop after the last checkpoint leaves its row unwritten
         split = meta["eval_split"]
         summary = {f"final_{split}_acc": history[-1]["eval_acc"],
                    f"final_{split}_acc_flip_tta": evaluate(model, batches, tta=True)[1],
@@ -1674,6 +1691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:

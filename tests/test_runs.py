@@ -332,6 +332,96 @@ def test_one_writer_per_run_folder(data_dir, tmp_path, capsys):
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]  # no row twice
 
 
+def test_a_stop_between_the_last_checkpoint_and_its_log_row_loses_no_row(
+        data_dir, tmp_path, capsys, monkeypatch):
+    """Stopped once model.pt holds epoch 3 but before log.jsonl has its row: the message names
+    epoch 3, and --resume, with no epoch left to train, still writes every row."""
+    out, real, logs = tmp_path / "run", os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).name == "log.jsonl":
+            logs.append(dst)
+            if len(logs) == 3:
+                raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = cli(capsys, *train_args(data_dir, out))
+    monkeypatch.undo()
+    assert code == 130 and "keeps epoch 3" in one_line(err)
+    assert len(rows(out)) == 2
+    code, _, err = cli(capsys, *train_args(data_dir, out, "--resume"))
+    assert code == 0, err
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3] and (out / "summary.json").exists()
+
+
+def test_a_second_stop_while_the_old_run_is_put_back_loses_nothing(finished_run, data_dir,
+                                                                    capsys, monkeypatch):
+    """Ctrl-C in --overwrite's first epoch, then again while the old run is being put back:
+    the next command on the folder finishes putting it back."""
+    before, real = snapshot(finished_run), os.replace
+    monkeypatch.setattr(helpers, "to_input", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+
+    def replace(src, dst):
+        if Path(src).parent.name == ".replaced" and Path(dst).name == "weights.pt":
+            raise KeyboardInterrupt  # the second Ctrl-C, half-way through
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--overwrite"))
+    monkeypatch.undo()
+    assert code == 130, err
+    assert (finished_run / ".replaced" / "weights.pt").exists()
+    code, stdout, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
+                                                "--resume"))
+    assert code == 0 and "restored the run" in stdout and "nothing to do" in stdout, err
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_starts_is_one_line(sig, status, data_dir, tmp_path):
+    """Ctrl-C or SIGTERM while numpy and torch are still loading: no traceback either."""
+    proc = subprocess.Popen(helpers_cmd(*train_args(data_dir, tmp_path / "run")), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status and "interrupted by" in one_line(err)
+
+
+@pytest.mark.parametrize("edit", ["history not a list", "run not a dict", "a row missing",
+                                  "a row twice", "momentum of another shape"])
+def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir, capsys):
+    """Loadable but inconsistent: refused, naming model.pt, before any training."""
+    path = partial_run / "model.pt"
+    state = torch.load(path, weights_only=True)
+    if edit == "history not a list":
+        state["history"] = 5
+    elif edit == "run not a dict":
+        state["run"] = "x"
+    elif edit == "a row missing":
+        state["history"] = state["history"][:-1]
+    elif edit == "a row twice":
+        state["history"] = state["history"] * 2
+    else:
+        state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    torch.save(state, path)
+    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+    assert code == 2 and "model.pt" in one_line(err)
+
+
+def test_a_finished_run_with_another_runs_checkpoint_is_refused(finished_run, data_dir,
+                                                                  capsys):
+    path = finished_run / "model.pt"
+    state = torch.load(path, weights_only=True)
+    state["run"]["seed"] = 1  # the same epoch and accuracy, but not this run's
+    torch.save(state, path)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "does not agree with model.pt" in one_line(err)
+
+
 @pytest.mark.parametrize("name, text, says", [
     ("config.json", "null", "config.json is damaged: it lacks recipe"),
     ("config.json", "[1, 2]", "config.json is damaged: it lacks recipe"),
