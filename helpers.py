@@ -79,7 +79,7 @@ class Recipe:
     label_smoothing: float = _setting(0.1, "share of each target spread over all classes",
                                       "a number in [0, 1)", lambda v: 0 <= v < 1, "S")
     pct_start: float = _setting(0.25, "share of all steps spent warming up", "a number in "
-                                "(0, 1)", lambda v: 0 < v < 1, "F")
+                                "(0, 0.5]", lambda v: 0 < v <= 0.5, "F")
     widths: tuple = _setting((32, 64, 96, 128), "channels of C1..C4", "four integers >= 1",
                              lambda v: all(c >= 1 for c in v), ("C1", "C2", "C3", "C4"))
     depths: tuple = _setting((1, 1, 1, 1), "residual blocks in C1..C4 (C2's first holds the "
@@ -223,6 +223,9 @@ def _load_image_folder(root: Path) -> CifarData:
     found = {split: _visible(root / split) for split in ("train", "test")}
     for p in (p for entries in found.values() for p in entries if not p.is_dir()):
         raise ValueError(f"{p} is a file where only class folders belong")
+    folders = [p for entries in found.values() for p in entries]
+    for p in (p for p in folders if [q.resolve() for q in folders].count(p.resolve()) > 1):
+        raise ValueError(f"{p} is another class folder too (a link): labels or splits would mix")
     classes = [p.name for p in found["train"]]
     if not classes:
         raise ValueError(f"{root}/train holds no class folders. " + _HOW_TO_GET_DATA)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -486,6 +487,16 @@ def test_sub_folder_inside_a_class_folder_is_refused(png_root):
 def test_class_folder_linked_back_to_its_split_is_refused(png_root):
     """train/loop -> train looked like an 11th class holding the other classes' folders."""
     _refused(png_root, _symlink_loop(png_root))
+
+
+@pytest.mark.parametrize("link", ["cat -> dog", "train -> test"])
+def test_a_class_or_split_folder_linked_to_another_is_refused(png_root, link):
+    """A link would label one folder's images twice, or train on the test set."""
+    name, target = ("train/cat", "train/dog") if link == "cat -> dog" else ("train", "test")
+    shutil.rmtree(png_root / name)
+    os.symlink(png_root / target, png_root / name)
+    msg = _refused(png_root, [str(png_root / name)])
+    assert "another class folder too" in msg
 
 
 @pytest.mark.parametrize("ext", [".webp", ".bmp", ".BMP", ".txt"])
