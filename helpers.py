@@ -224,7 +224,8 @@ def _load_image_folder(root: Path) -> CifarData:
     for p in (p for entries in found.values() for p in entries if not p.is_dir()):
         raise ValueError(f"{p} is a file where only class folders belong")
     folders = [p for entries in found.values() for p in entries]
-    for p in (p for p in folders if [q.resolve() for q in folders].count(p.resolve()) > 1):
+    resolved = [p.resolve() for p in folders]
+    for p in (p for p, r in zip(folders, resolved) if resolved.count(r) > 1):
         raise ValueError(f"{p} is another class folder too (a link): labels or splits would mix")
     classes = [p.name for p in found["train"]]
     if not classes:
@@ -1499,11 +1500,17 @@ class _RunFolder:
             pass
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
+        shutil.rmtree(self.out / ".discarded", ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
                 and not (self.aside / ".restoring").exists()
-            shutil.rmtree(self.aside) if done else self._restore()
+            self.discard() if done else self._restore()
         return self
+
+    def discard(self) -> None:
+        """Delete the old run set aside: renamed first, so that no stop can bring back part."""
+        os.replace(self.aside, self.out / ".discarded")
+        shutil.rmtree(self.out / ".discarded")
 
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.aside.exists():
@@ -1565,9 +1572,19 @@ class _RunFolder:
             if not agree:
                 raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
                                  "--overwrite to start again")
+            self.write_log(state["history"])  # rebuilt if deleted or edited
+            if not (self.out / "weights.pt").exists():
+                save_checkpoint(self.out / "weights.pt", dict(
+                    model=state["model"], run=summary, history=state["history"]))
         elif (self.out / "model.pt").exists():
             print(f"--resume: continuing {self.out}: {self._checkpoint_note()}")
         return dict(config, finished=finished)
+
+    def write_log(self, history: list[dict]) -> None:
+        """log.jsonl: one JSON row per epoch of ``history`` (unless it holds just that)."""
+        log, text = self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
+        if not log.exists() or log.read_bytes() != text:
+            _write_atomic(log, text)
 
     def refuse_changes(self, prev: dict | None, new: dict) -> None:
         """Refuse to resume ``prev`` with other settings, naming each; note what may differ."""
@@ -1598,15 +1615,11 @@ class _RunFolder:
         if not (self.out / "config.json").exists():
             _write_atomic(self.out / "config.json", json.dumps(meta, indent=2).encode())
 
-        def write_log(history: list[dict]) -> None:
-            _write_atomic(self.out / "log.jsonl",
-                          "".join(json.dumps(row) + "\n" for row in history).encode())
-
         def log(history: list[dict]) -> None:  # called once model.pt holds the epoch
             self.epoch = history[-1]["epoch"]
             if self.aside.exists():  # the new run has a checkpoint of its own now
-                shutil.rmtree(self.aside)
-            write_log(history)
+                self.discard()
+            self.write_log(history)
             print(format_row(history[-1], meta["eval_split"], recipe.epochs), flush=True)
 
         try:
@@ -1615,7 +1628,7 @@ class _RunFolder:
         except KeyboardInterrupt:
             self._checkpoint_note()  # the epoch model.pt holds, logged or not
             raise
-        write_log(history)  # again: a stop after the last checkpoint leaves its row unwritten
+        self.write_log(history)  # complete after a stop between a checkpoint and its row
         split = meta["eval_split"]
         summary = {f"final_{split}_acc": history[-1]["eval_acc"],
                    f"final_{split}_acc_flip_tta": evaluate(model, batches, tta=True)[1],

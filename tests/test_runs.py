@@ -267,6 +267,22 @@ def test_finished_run_is_never_overwritten_silently(finished_run, data_dir, caps
     assert not (out / ".replaced").exists()
 
 
+def test_resume_of_a_finished_run_rebuilds_its_deleted_log_and_weights(finished_run, data_dir,
+                                                                          capsys):
+    """log.jsonl cut short and weights.pt deleted: --resume writes both again from model.pt."""
+    out, before = finished_run, snapshot(finished_run)
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    (out / "log.jsonl").write_text((out / "log.jsonl").read_text()[:-20])
+    (out / "weights.pt").unlink()
+    code, stdout, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1", "--resume"))
+    assert code == 0 and "nothing to do" in stdout, err
+    assert (out / "log.jsonl").read_bytes() == before["log.jsonl"]
+    again = torch.load(out / "weights.pt", weights_only=True)
+    assert again["run"] == weights["run"] and again["history"] == weights["history"]
+    for name, tensor in weights["model"].items():
+        torch.testing.assert_close(again["model"][name], tensor, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("damage", ["missing data", "too large a subset", "corrupt image",
                                     "interrupted while loading"])
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
@@ -377,6 +393,32 @@ def test_a_second_stop_while_the_old_run_is_put_back_loses_nothing(finished_run,
                                                 "--resume"))
     assert code == 0 and "restored the run" in stdout and "nothing to do" in stdout, err
     assert snapshot(finished_run) == before
+
+
+def test_a_stop_while_the_old_run_is_deleted_keeps_the_new_one(finished_run, data_dir, tmp_path,
+                                                                capsys, monkeypatch):
+    """Ctrl-C while --overwrite deletes the old run (its new checkpoint saved): none of the old
+    files come back over the new run, which --resume then finishes as if never stopped."""
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if (Path(path) / ".complete").exists():
+            (Path(path) / ".complete").unlink()  # part of the old run deleted, then stopped
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--overwrite"))
+    monkeypatch.undo()
+    assert code == 130 and "keeps epoch 1" in one_line(err)
+    assert json.loads((finished_run / "config.json").read_text())["recipe"]["epochs"] == 3
+    assert not (finished_run / "summary.json").exists()
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--resume"))
+    assert code == 0, err
+    fresh = tmp_path / "fresh"
+    assert cli(capsys, *train_args(data_dir, fresh))[0] == 0
+    assert rows(finished_run) == rows(fresh)
+    assert sorted(p.name for p in finished_run.iterdir()) == sorted(p.name for p in fresh.iterdir())
 
 
 @pytest.mark.slow
