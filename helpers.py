@@ -1482,7 +1482,7 @@ class _RunFolder:
     def __enter__(self) -> _RunFolder:
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"argument --out: {self.out} is a file, not a folder")
-        self.created = not self.out.exists()
+        self.created = sum(not p.exists() for p in (self.out, *self.out.parents))  # folders
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.out / ".lock", "a+")
@@ -1517,7 +1517,12 @@ class _RunFolder:
             self._restore()
         self.lock.close()
         if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
-            shutil.rmtree(self.out, ignore_errors=True)  # refused before anything was written
+            (self.out / ".lock").unlink()  # refused before anything was written: as it was
+            for folder in (self.out, *self.out.parents)[:self.created]:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: something else wrote there
+                    break
 
     def _restore(self) -> None:
         (self.aside / ".restoring").touch()  # if stopped again, the next command goes on

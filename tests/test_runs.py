@@ -765,8 +765,13 @@ def test_bad_options_in_a_real_process(tmp_path):
                                  "empty validation split"),
 ])
 def test_options_that_do_not_fit_the_data(options, says, data_dir, tmp_path, capsys):
-    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "run", *options))
-    assert code == 2 and says in one_line(err) and not (tmp_path / "run").exists()
+    """Refused once the data is read: the folders --out made for the run are gone again."""
+    (tmp_path / "mine").mkdir()
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "new" / "run", *options))
+    assert code == 2 and says in one_line(err) and not (tmp_path / "new").exists()
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "mine" / "run", *options))
+    assert code == 2 and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert not any((tmp_path / "mine").iterdir())
 
 
 def test_subset_and_split_refuse_out_of_range_sizes():
