@@ -1533,6 +1533,8 @@ class _RunFolder:
                 os.replace(self.aside / name, self.out / name)
             elif name not in old:  # a file of the new run
                 (self.out / name).unlink(missing_ok=True)
+            for tmp in self.out.glob(f"{name}.*.tmp"):  # of a writer killed in the new run
+                tmp.unlink()
         shutil.rmtree(self.aside)
         print(f"restored the run in {self.out} that --overwrite had set aside")
 

@@ -395,6 +395,25 @@ def test_a_second_stop_while_the_old_run_is_put_back_loses_nothing(finished_run,
     assert snapshot(finished_run) == before
 
 
+def test_an_old_run_put_back_after_a_kill_keeps_no_file_of_the_new_one(finished_run, data_dir,
+                                                                        capsys):
+    """The folder as SIGKILL leaves it while --overwrite's new run saves its first checkpoint
+    (the old run set aside, a new config and a temp file): the next command puts the old run
+    back exactly, without the new run's files."""
+    before, aside = snapshot(finished_run), finished_run / ".replaced"
+    names = [p.name for p in finished_run.iterdir() if p.name != ".lock"]
+    aside.mkdir()
+    for name in names:
+        os.replace(finished_run / name, aside / name)
+    (aside / ".complete").write_text(" ".join(os.listdir(aside)))
+    (finished_run / "config.json").write_text("{}")
+    (finished_run / "model.pt.4242.tmp").write_bytes(b"half a checkpoint")
+    code, stdout, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
+                                                "--resume"))
+    assert code == 0 and "restored the run" in stdout, err
+    assert snapshot(finished_run) == before
+
+
 def test_a_stop_while_the_old_run_is_deleted_keeps_the_new_one(finished_run, data_dir, tmp_path,
                                                                 capsys, monkeypatch):
     """Ctrl-C while --overwrite deletes the old run (its new checkpoint saved): none of the old
