@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 def _interrupted_early(signum: int, frame: Any) -> NoReturn:
-    print(f"helpers.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-    sys.exit(128 + signum)  # 130 for SIGINT, 143 for SIGTERM
+    print(f"helpers.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # 130 or 143 now: nothing is written yet, and an exception raised
+    # here could reach a C extension's import, which turns it into an ImportError
 
 if __name__ == "__main__":  # a signal while numpy and torch load: one line, no traceback
     signal.signal(signal.SIGINT, _interrupted_early)
@@ -1711,13 +1712,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
     diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
     interrupted by SIGINT or SIGTERM (continue with --resume); errors are one line on stderr."""
-    args = _build_parser().parse_args(argv)
+    args, previous = _build_parser().parse_args(argv), None
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # clean up as on Ctrl-C
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
+        try:  # from here a signal is caught below, with the clean-up of Ctrl-C
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
         {"train": run_training, "evaluate": run_evaluate, "bench": run_bench}[args.command](args)
         return 0
     except (UsageError, CheckpointError) as e:
