@@ -86,6 +86,10 @@ class Recipe:
     depths: tuple = _setting((1, 1, 1, 1), "residual blocks in C1..C4 (C2's first holds the "
                              "dilated conv)", "four integers >= 0 with D2 >= 1",
                              lambda v: min(v) >= 0 and v[1] >= 1, ("D1", "D2", "D3", "D4"))
+    dilated_downs: int = _setting(0, "downsamplers that shrink the map with a dilated 3x3 "
+                                  "kernel (dilation 2, no padding) instead of a stride: 1 for "
+                                  "C4's, 2 for C3's and C4's (the exercise's extra credit)",
+                                  "0, 1 or 2", lambda v: v in (0, 1, 2), "N")
     act: str = _setting("gelu", "activation after every BatchNorm", "relu or gelu",
                         lambda v: v in ("relu", "gelu"), "NAME")
     p_flip: float = _setting(0.5, "probability of HorizontalFlip per image", *_PROBABILITY, "P")
@@ -511,11 +515,13 @@ class ConvBNAct(nn.Sequential):
 
 class DepthwiseSeparable(nn.Sequential):
     """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation:
-    one factorised kxk conv (as in Xception), with far fewer parameters and multiply-adds."""
+    one factorised kxk conv (as in Xception), with far fewer parameters and multiply-adds.
+    A dilated one has no padding: it shrinks the map by ``dilation * (k - 1)`` pixels."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
-                 act: str = Recipe.act) -> None:
-        super().__init__(nn.Conv2d(cin, cin, k, stride, (k - 1) // 2, groups=cin, bias=False),
+                 act: str = Recipe.act, dilation: int = 1) -> None:
+        pad = (k - 1) // 2 if dilation == 1 else 0
+        super().__init__(nn.Conv2d(cin, cin, k, stride, pad, dilation, groups=cin, bias=False),
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          ACTIVATIONS[act]())
 
@@ -537,15 +543,23 @@ class Net(nn.Module):
     the first conv of the first block is dilated (d=2).
     C3 (8x8) and C4 (4x4): a depthwise separable 3x3 stride-2 conv, then ``depths[2]`` and
     ``depths[3]`` residual blocks of two depthwise separable 3x3 convs.
+    ``dilated_downs`` (the extra credit): C4's downsampler (1), or C3's and C4's (2), shrinks
+    the map with an unpadded 3x3 kernel of dilation 2 instead of a stride: C4 8x8 -> 4x4, or
+    C3 16x16 -> 12x12 and C4 12x12 -> 8x8 (more positions, same parameters).
     The input is raw pixels (0..255); ``InputNorm`` normalises them with ``mean`` and ``std``.
     """
 
     def __init__(self, widths: Sequence[int] = Recipe.widths,
                  depths: Sequence[int] = Recipe.depths, num_classes: int = 10,
                  act: str = Recipe.act, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD) -> None:
+                 std: Sequence[float] = CIFAR10_STD,
+                 dilated_downs: int = Recipe.dilated_downs) -> None:
         super().__init__()
         (c1, c2, c3, c4), (d1, d2, d3, d4) = widths, depths
+
+        def down(cin: int, cout: int, dilated: bool) -> nn.Module:
+            return DepthwiseSeparable(cin, cout, stride=1 if dilated else 2, act=act,
+                                      dilation=2 if dilated else 1)
 
         def conv_block(c: int, dilation: int = 1) -> nn.Module:
             return Residual(ConvBNAct(c, c, dilation=dilation, act=act), ConvBNAct(c, c, act=act))
@@ -557,9 +571,9 @@ class Net(nn.Module):
         self.c1 = nn.Sequential(ConvBNAct(3, c1, act=act), *[conv_block(c1) for _ in range(d1)])
         self.c2 = nn.Sequential(ConvBNAct(c1, c2, stride=2, act=act),
                                 *[conv_block(c2, 2 if i == 0 else 1) for i in range(d2)])
-        self.c3 = nn.Sequential(DepthwiseSeparable(c2, c3, 3, 2, act),
+        self.c3 = nn.Sequential(down(c2, c3, dilated_downs >= 2),
                                 *[dws_block(c3) for _ in range(d3)])
-        self.c4 = nn.Sequential(DepthwiseSeparable(c3, c4, 3, 2, act),
+        self.c4 = nn.Sequential(down(c3, c4, dilated_downs >= 1),
                                 *[dws_block(c4) for _ in range(d4)])
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.out = nn.Sequential(nn.Flatten(), nn.Linear(c4, num_classes))
@@ -573,8 +587,9 @@ class Net(nn.Module):
 
 def build_model(recipe: Recipe, num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
                 std: Sequence[float] = CIFAR10_STD) -> Net:
-    """The recipe's ``Net`` (widths, depths, activation)."""
-    return Net(recipe.widths, recipe.depths, num_classes, recipe.act, mean, std)
+    """The recipe's ``Net`` (widths, depths, activation, dilated downsamplers)."""
+    return Net(recipe.widths, recipe.depths, num_classes, recipe.act, mean, std,
+               recipe.dilated_downs)
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (frozen ones included)."""
@@ -981,6 +996,12 @@ def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
     return json.loads(json.dumps(value))
 
+def _with_defaults(run: Any) -> Any:
+    """``run`` with the recipe settings it lacks (added since it was made) at their defaults."""
+    if isinstance(run, dict) and isinstance(run.get("recipe"), dict):
+        return dict(run, recipe={**_plain(asdict(Recipe())), **run["recipe"]})
+    return run
+
 def _differences(old: dict, new: dict) -> list[str]:
     """``key old -> new`` for each key of ``new`` that differs in ``old`` (``seed 0 -> 1``)."""
     diffs, old = [], _plain(old)
@@ -998,7 +1019,8 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     missing = [k for k in ("optimizer", "scheduler", "scaler", "run", "history") if k not in state]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}")
-    diffs = _differences(state["run"], run) if isinstance(state["run"], dict) else ["run"]
+    old = _with_defaults(state["run"])
+    diffs = _differences(old, run) if isinstance(old, dict) else ["run"]
     if diffs:
         raise CheckpointError(f"{path} belongs to another run ({'; '.join(diffs)})")
     try:
@@ -1567,13 +1589,13 @@ class _RunFolder:
             hint = "" if finished else "pass --resume to continue it or "
             raise UsageError(f"argument --out: {self.out} already holds {what}: {hint}pass "
                              "--overwrite to replace it, or choose another --out")
-        config = _read_json(self.out / "config.json", _SAME + _NOTES)
+        config = _with_defaults(_read_json(self.out / "config.json", _SAME + _NOTES))
         if finished:
             summary = _read_json(self.out / "summary.json", [f"final_{config['eval_split']}_acc"])
             state = _read_checkpoint(self.out / "model.pt")
             try:
                 agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
-                    state["run"], {k: config[k] for k in ("recipe", "seed")}) and \
+                    _with_defaults(state["run"]), {k: config[k] for k in ("recipe", "seed")}) and \
                     state["history"][-1]["eval_acc"] == summary[f"final_{config['eval_split']}_acc"]
             except (KeyError, IndexError, TypeError, AttributeError):
                 agree = False

@@ -24,20 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: (options of experiments/v3.py, options of helpers.py train); each on the standard net
 RUNS = {
     "base": ([], []),
-    "extra-credit": (["--extra-credit"], []),
+    "extra-credit": ([], ["--dilated-downs", "1"]),
     "mixup": (["--mixup", "0.2"], []),
     "ema": (["--ema", "0.999"], []),
     "adamw-ema-mixup": (["--adamw", "0.004", "--ema", "0.999", "--mixup", "0.2"], []),
     # the CPU's first long candidate, alone and with mixup and EMA
-    "extra-credit-aug50": (["--extra-credit"], ["--p-affine", "0.5", "--p-dropout", "0.5"]),
-    "extra-credit-aug50-mixup-ema": (["--extra-credit", "--mixup", "0.2", "--ema", "0.999"],
-                                     ["--p-affine", "0.5", "--p-dropout", "0.5"]),
+    "extra-credit-aug50": ([], ["--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
+    "extra-credit-aug50-mixup-ema": (["--mixup", "0.2", "--ema", "0.999"],
+                                     ["--dilated-downs", "1", "--p-affine", "0.5",
+                                      "--p-dropout", "0.5"]),
     # the CPU's second: C3's downsampler dilated too (16x16 -> 12x12 -> 8x8)
-    "dilated-c3-aug50": (["--extra-credit", "--dilated-c3"], ["--p-affine", "0.5",
-                                                              "--p-dropout", "0.5"]),
+    "dilated-c3-aug50": ([], ["--dilated-downs", "2", "--p-affine", "0.5", "--p-dropout", "0.5"]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
-    "deeper-c2": (["--extra-credit"], ["--widths", "32", "48", "96", "128", "--depths", "1", "2",
-                                       "1", "1"]),
+    "deeper-c2": ([], ["--dilated-downs", "1", "--widths", "32", "48", "96", "128", "--depths",
+                       "1", "2", "1", "1"]),
 }
 
 

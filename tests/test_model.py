@@ -93,6 +93,7 @@ def test_net_defaults_are_the_recipes():
     assert params["widths"].default == recipe.widths == (32, 64, 96, 128)
     assert params["depths"].default == recipe.depths == (1, 1, 1, 1)
     assert params["act"].default == recipe.act == "gelu"
+    assert params["dilated_downs"].default == recipe.dilated_downs == 0
     default, built = helpers.Net(), helpers.build_model(recipe)
     assert {k: v.shape for k, v in default.state_dict().items()} == \
         {k: v.shape for k, v in built.state_dict().items()}
@@ -190,14 +191,37 @@ def test_each_downsampler_has_its_own_row():
 
 
 def test_dilated_downsampler_is_named_and_allowed():
-    """The extra credit: C4 shrinks 8x8 -> 4x4 by a 3x3 depthwise conv of dilation 2, no padding."""
-    model = helpers.Net(SMALL)
-    down = model.c4[0][0]
+    """The extra credit: C4 shrinks 8x8 -> 4x4 by a 3x3 depthwise conv of dilation 2, no padding,
+    the same net as the default's with that conv's stride, dilation and padding changed."""
+    torch.manual_seed(0)
+    by_hand = helpers.Net(SMALL).eval()
+    down = by_hand.c4[0][0]
     down.stride, down.dilation, down.padding = (1, 1), (2, 2), (0, 0)
+    torch.manual_seed(0)
+    model = helpers.Net(SMALL, dilated_downs=1).eval()
+    x = torch.randn(2, 3, 32, 32) * 60 + 120
+    with torch.no_grad():
+        assert torch.equal(model(x), by_hand(x))
     df = helpers.check_rules(model).set_index("rule")
     assert df["passed"].all(), df.to_string()
     row = df.loc["downsampling: C4 downsample, depthwise", "measured"]
     assert "stride 1, dilation 2: 8x8 -> 4x4" in row
+    assert helpers.count_macs(model) == helpers.count_macs(helpers.Net(SMALL))
+
+
+def test_two_dilated_downsamplers_keep_larger_maps():
+    """dilated_downs=2: C3 16x16 -> 12x12 and C4 12x12 -> 8x8, same parameters, more
+    multiply-adds, every rule holding; the receptive field as the gradient measures it."""
+    model, default = helpers.Net(dilated_downs=2), helpers.Net()
+    df = helpers.check_rules(model).set_index("rule")
+    assert df["passed"].all(), df.to_string()
+    assert "16x16 -> 12x12" in df.loc["downsampling: C3 downsample, depthwise", "measured"]
+    assert "12x12 -> 8x8" in df.loc["downsampling: C4 downsample, depthwise", "measured"]
+    assert model.features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (8, 8)
+    assert helpers.count_parameters(model) == helpers.count_parameters(default) == 189_770
+    assert helpers.count_macs(model) > helpers.count_macs(default)
+    assert _final_rf(model) == helpers.empirical_receptive_field(model) == 53
+    assert helpers.build_model(helpers.Recipe(dilated_downs=2)).c3[0][0].dilation == (2, 2)
 
 
 def test_small_net_passes_every_rule():

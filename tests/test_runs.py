@@ -554,6 +554,31 @@ def test_resume_with_other_options_is_refused(partial_run, data_dir, capsys):
     assert snapshot(partial_run) == before
 
 
+def _drop_setting(out: Path, name: str) -> None:
+    """Make the run in ``out`` look as if made before Recipe had the setting ``name``."""
+    for file in ("config.json", "summary.json"):
+        if (out / file).exists():
+            config = json.loads((out / file).read_text())
+            config["recipe"].pop(name, None)
+            (out / file).write_text(json.dumps(config))
+    state = torch.load(out / "model.pt", weights_only=True)
+    del state["run"]["recipe"][name]
+    helpers.save_checkpoint(out / "model.pt", state)
+
+
+def test_a_run_made_before_a_recipe_setting_existed_resumes(partial_run, data_dir, capsys):
+    """The setting it lacks is read at its default; asking for another value is refused."""
+    args = train_args(data_dir, partial_run, "--resume")
+    _drop_setting(partial_run, "dilated_downs")
+    code, _, err = cli(capsys, *args, "--dilated-downs", "1")
+    assert code == 2 and "recipe.dilated_downs 0 -> 1" in one_line(err)
+    code, _, err = cli(capsys, *args)
+    assert code == 0 and (partial_run / "summary.json").exists(), err
+    _drop_setting(partial_run, "dilated_downs")  # now a finished run made before the setting
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "nothing to do" in out, err
+
+
 def test_resume_of_a_finished_run_with_other_options_is_refused(finished_run, data_dir, capsys):
     before = snapshot(finished_run)
     args = train_args(data_dir, finished_run, "--epochs", "1", "--resume")
@@ -746,7 +771,8 @@ def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_pat
 RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf"], "batch_size": ["0"],
               "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
               "p_flip": ["2"], "p_affine": ["1.5"], "p_dropout": ["-0.1"], "act": ["tanh"],
-              "widths": ["0 0 0 0"], "depths": ["-1 1 1 1", "1 0 1 1"]}
+              "widths": ["0 0 0 0"], "depths": ["-1 1 1 1", "1 0 1 1"],
+              "dilated_downs": ["3", "1.5"]}
 WORDS = {f.name: f.metadata["words"] for f in fields(helpers.Recipe)}
 assert set(RECIPE_BAD) == set(WORDS)  # every field's option is tried
 BAD_OPTIONS = [(["--" + name.replace("_", "-"), *value.split()],

@@ -312,7 +312,7 @@ def _umask() -> int:
 
 
 def test_save_weights_and_load_model_round_trip(tmp_path):
-    recipe = helpers.Recipe(widths=TINY, depths=(0, 1, 1, 1), act="relu")
+    recipe = helpers.Recipe(widths=TINY, depths=(0, 1, 1, 1), act="relu", dilated_downs=2)
     model = _with_random_bn_statistics(helpers.build_model(recipe, 7, (0.1, 0.2, 0.3),
                                                            (0.4, 0.5, 0.6)))
     helpers.save_weights(tmp_path / "w.pt", model, dict(recipe=asdict(recipe), seed=3))
