@@ -934,14 +934,18 @@ class CheckpointError(RuntimeError):
 class WriteError(RuntimeError):
     """A file that could not be written (disk full, file-size limit, permissions)."""
 
+def _remove_temps(path: Path) -> None:
+    """Remove the temp files that killed writers of ``path`` left beside it."""
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step (a temp file, flushed to disk, renamed over
     it; killed writers' temp files removed first); a failure raises WriteError, path intact."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f"{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        _remove_temps(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -1457,11 +1461,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     result = dict(weights=str(args.weights), data=data.source, test_images=len(data.y_test),
                   test_acc=evaluate(model, batches)[1],
                   test_acc_flip_tta=evaluate(model, batches, tta=True)[1])
-    run = state.get("run", {})
+    run, recipe = state["run"], Recipe(**state["run"]["recipe"])  # as load_model read them
+    name = run.get("recipe_name") or next((n for n, r in RECIPES.items() if r == recipe), "custom")
     print(json.dumps(result))
     print(f"test accuracy {100 * result['test_acc']:.2f}% (flip TTA "
           f"{100 * result['test_acc_flip_tta']:.2f}%) on {len(data.y_test):,} images of "
-          f"{data.source}; recipe {run.get('recipe_name', 'custom')}, seed {run.get('seed')}")
+          f"{data.source}; recipe {name}, seed {run.get('seed')}")
     return result
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -1556,8 +1561,7 @@ class _RunFolder:
                 os.replace(self.aside / name, self.out / name)
             elif name not in old:  # a file of the new run
                 (self.out / name).unlink(missing_ok=True)
-            for tmp in self.out.glob(f"{name}.*.tmp"):  # of a writer killed in the new run
-                tmp.unlink()
+            _remove_temps(self.out / name)  # of a writer killed in the new run
         shutil.rmtree(self.aside)
         print(f"restored the run in {self.out} that --overwrite had set aside")
 

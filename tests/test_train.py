@@ -412,6 +412,17 @@ def test_train_writes_the_run_folder_and_evaluate_scores_it(tmp_path, png_root):
         assert f"test accuracy {100 * summary['final_test_acc']:.2f}%" in res.stdout
 
 
+def test_evaluate_names_the_recipe_of_a_checkpoint(tmp_path, png_root, capsys):
+    """A checkpoint records the recipe's settings but not its name: evaluate finds the name."""
+    for recipe, says in ((helpers.RECIPES["fast"], "recipe fast, seed 4"),
+                         (replace(helpers.RECIPES["fast"], epochs=11), "recipe custom, seed 4")):
+        helpers.save_weights(tmp_path / "model.pt", helpers.build_model(recipe),
+                             dict(recipe=asdict(recipe), seed=4))
+        code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "model.pt",
+                             "--data-dir", png_root, "--threads", "1")
+        assert code == 0 and says in out, err
+
+
 def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     for argv, says in (
