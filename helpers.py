@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import io
 import itertools
 import json
@@ -516,11 +517,11 @@ class ConvBNAct(nn.Sequential):
 class DepthwiseSeparable(nn.Sequential):
     """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation:
     one factorised kxk conv (as in Xception), with far fewer parameters and multiply-adds.
-    A dilated one has no padding: it shrinks the map by ``dilation * (k - 1)`` pixels."""
+    ``padding`` None keeps the size at stride 1; 0 lets a dilated kernel shrink the map."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1,
-                 act: str = Recipe.act, dilation: int = 1) -> None:
-        pad = (k - 1) // 2 if dilation == 1 else 0
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, act: str = Recipe.act,
+                 dilation: int = 1, padding: int | None = None) -> None:
+        pad = dilation * (k - 1) // 2 if padding is None else padding
         super().__init__(nn.Conv2d(cin, cin, k, stride, pad, dilation, groups=cin, bias=False),
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          ACTIVATIONS[act]())
@@ -545,7 +546,8 @@ class Net(nn.Module):
     ``depths[3]`` residual blocks of two depthwise separable 3x3 convs.
     ``dilated_downs`` (the extra credit): C4's downsampler (1), or C3's and C4's (2), shrinks
     the map with an unpadded 3x3 kernel of dilation 2 instead of a stride: C4 8x8 -> 4x4, or
-    C3 16x16 -> 12x12 and C4 12x12 -> 8x8 (more positions, same parameters).
+    C3 16x16 -> 12x12 and C4 12x12 -> 8x8 (2: larger maps, more multiply-adds, same
+    parameters).
     The input is raw pixels (0..255); ``InputNorm`` normalises them with ``mean`` and ``std``.
     """
 
@@ -558,8 +560,9 @@ class Net(nn.Module):
         (c1, c2, c3, c4), (d1, d2, d3, d4) = widths, depths
 
         def down(cin: int, cout: int, dilated: bool) -> nn.Module:
-            return DepthwiseSeparable(cin, cout, stride=1 if dilated else 2, act=act,
-                                      dilation=2 if dilated else 1)
+            if dilated:  # 3x3 taps 2 apart span 5x5: unpadded, n x n shrinks to n-4 x n-4
+                return DepthwiseSeparable(cin, cout, act=act, dilation=2, padding=0)
+            return DepthwiseSeparable(cin, cout, stride=2, act=act)
 
         def conv_block(c: int, dilation: int = 1) -> nn.Module:
             return Residual(ConvBNAct(c, c, dilation=dilation, act=act), ConvBNAct(c, c, act=act))
@@ -936,7 +939,7 @@ class WriteError(RuntimeError):
 
 def _remove_temps(path: Path) -> None:
     """Remove the temp files that killed writers of ``path`` left beside it."""
-    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -1000,10 +1003,13 @@ def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
     return json.loads(json.dumps(value))
 
+_LATER_SETTINGS = ("dilated_downs",)  # Recipe fields that runs made before them lack
+
 def _with_defaults(run: Any) -> Any:
-    """``run`` with the recipe settings it lacks (added since it was made) at their defaults."""
+    """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""
     if isinstance(run, dict) and isinstance(run.get("recipe"), dict):
-        return dict(run, recipe={**_plain(asdict(Recipe())), **run["recipe"]})
+        later = {k: getattr(Recipe, k) for k in _LATER_SETTINGS}
+        return dict(run, recipe={**later, **run["recipe"]})
     return run
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -1462,7 +1468,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                   test_acc=evaluate(model, batches)[1],
                   test_acc_flip_tta=evaluate(model, batches, tta=True)[1])
     run, recipe = state["run"], Recipe(**state["run"]["recipe"])  # as load_model read them
-    name = run.get("recipe_name") or next((n for n, r in RECIPES.items() if r == recipe), "custom")
+    name = next((n for n, r in RECIPES.items() if r == recipe), "custom")  # by its settings
     print(json.dumps(result))
     print(f"test accuracy {100 * result['test_acc']:.2f}% (flip TTA "
           f"{100 * result['test_acc_flip_tta']:.2f}%) on {len(data.y_test):,} images of "

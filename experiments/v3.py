@@ -13,7 +13,8 @@ them earns a place in helpers.py. Each option changes one thing of ``helpers.py 
 
 The exercise's extra credit is a recipe setting of helpers.py (``--dilated-downs 1``: C4's
 downsampler dilated; ``2``: C3's too); it replaces this script's earlier ``--extra-credit`` and
-``--extra-credit --dilated-c3``, which built the same nets, output for output.
+``--extra-credit --dilated-c3``, which built the same nets, output for output (a folder made
+with those records no setting: add ``"dilated_downs"`` to its recipe before resuming or scoring).
 
 Each option survives ``--resume``: mixup's draws are a pure function of (--seed, step), and the
 EMA is saved beside each checkpoint (``ema-<epoch>.pt`` in --out), so a run stopped and resumed

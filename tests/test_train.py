@@ -412,12 +412,14 @@ def test_train_writes_the_run_folder_and_evaluate_scores_it(tmp_path, png_root):
         assert f"test accuracy {100 * summary['final_test_acc']:.2f}%" in res.stdout
 
 
-def test_evaluate_names_the_recipe_of_a_checkpoint(tmp_path, png_root, capsys):
-    """A checkpoint records the recipe's settings but not its name: evaluate finds the name."""
-    for recipe, says in ((helpers.RECIPES["fast"], "recipe fast, seed 4"),
-                         (replace(helpers.RECIPES["fast"], epochs=11), "recipe custom, seed 4")):
+def test_evaluate_names_the_recipe_by_its_settings(tmp_path, png_root, capsys):
+    """A checkpoint records the recipe's settings but not its name, and a run's weights the
+    name of the recipe its options changed: evaluate names the recipe the settings are."""
+    fast = helpers.RECIPES["fast"]
+    for recipe, named, says in ((fast, None, "recipe fast, seed 4"),
+                                (replace(fast, dilated_downs=1), "fast", "recipe custom, seed 4")):
         helpers.save_weights(tmp_path / "model.pt", helpers.build_model(recipe),
-                             dict(recipe=asdict(recipe), seed=4))
+                             dict(recipe=asdict(recipe), seed=4, recipe_name=named))
         code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "model.pt",
                              "--data-dir", png_root, "--threads", "1")
         assert code == 0 and says in out, err
