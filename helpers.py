@@ -973,8 +973,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     torch.save(state, buffer)
     _write_atomic(Path(path), buffer.getvalue())
 
+_LATER_SETTINGS = ("dilated_downs",)  # Recipe fields that runs made before them lack
+
+def _with_defaults(run: Any) -> Any:
+    """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""
+    if isinstance(run, dict) and isinstance(run.get("recipe"), dict):
+        later = {k: getattr(Recipe, k) for k in _LATER_SETTINGS}
+        return dict(run, recipe={**later, **run["recipe"]})
+    return run
+
 def _read_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint's entries, loaded as tensors and plain values only: no code runs."""
+    """A checkpoint's entries, loaded as tensors and plain values only: no code runs (the
+    recipe of its run is read with the later settings it lacks at their defaults)."""
     import warnings
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
@@ -997,20 +1007,13 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
                               ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
+    if "run" in state:
+        state["run"] = _with_defaults(state["run"])
     return state
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
     return json.loads(json.dumps(value))
-
-_LATER_SETTINGS = ("dilated_downs",)  # Recipe fields that runs made before them lack
-
-def _with_defaults(run: Any) -> Any:
-    """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""
-    if isinstance(run, dict) and isinstance(run.get("recipe"), dict):
-        later = {k: getattr(Recipe, k) for k in _LATER_SETTINGS}
-        return dict(run, recipe={**later, **run["recipe"]})
-    return run
 
 def _differences(old: dict, new: dict) -> list[str]:
     """``key old -> new`` for each key of ``new`` that differs in ``old`` (``seed 0 -> 1``)."""
@@ -1029,8 +1032,7 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     missing = [k for k in ("optimizer", "scheduler", "scaler", "run", "history") if k not in state]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}")
-    old = _with_defaults(state["run"])
-    diffs = _differences(old, run) if isinstance(old, dict) else ["run"]
+    diffs = _differences(state["run"], run) if isinstance(state["run"], dict) else ["run"]
     if diffs:
         raise CheckpointError(f"{path} belongs to another run ({'; '.join(diffs)})")
     try:
@@ -1605,7 +1607,7 @@ class _RunFolder:
             state = _read_checkpoint(self.out / "model.pt")
             try:
                 agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
-                    _with_defaults(state["run"]), {k: config[k] for k in ("recipe", "seed")}) and \
+                    state["run"], {k: config[k] for k in ("recipe", "seed")}) and \
                     state["history"][-1]["eval_acc"] == summary[f"final_{config['eval_split']}_acc"]
             except (KeyError, IndexError, TypeError, AttributeError):
                 agree = False
