@@ -52,13 +52,15 @@ def command(name: str, args: argparse.Namespace) -> list[str]:
 
 
 def summary(args: argparse.Namespace, names: list[str]) -> str:
-    lines = ["| run | epochs done | val accuracy (last epoch) | train accuracy |", "|---|---|---|---|"]
+    lines = ["| run | epochs done | val accuracy (last epoch) | train accuracy |",
+             "|---|---|---|---|"]
     for name in names:
         log = args.out / name / "log.jsonl"
         rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
         last = rows[-1] if rows else {}
         lines.append(f"| {name} | {last.get('epoch', 0)} / {args.epochs} | "
-                     f"{100 * last.get('eval_acc', 0):.2f} | {100 * last.get('train_acc', 0):.2f} |")
+                     f"{100 * last.get('eval_acc', 0):.2f} | "
+                     f"{100 * last.get('train_acc', 0):.2f} |")
     return "\n".join(lines)
 
 

@@ -132,7 +132,7 @@ def test_smoke_run_shows_what_the_text_promises(headless):
     shown = _text(_code_with(nb, "(train_step, train_one_epoch, fit)").outputs)
     assert "def train_step(" in shown and "def fit(" in shown  # the real code, shown
     assert "class Net(nn.Module)" in text and "class SetupError" not in text
-    pipeline = _code_with(nb, "for image in x_train[:5]").outputs
+    pipeline = _code_with(nb, "for image in x_train[examples[:5]]").outputs
     assert any("image/png" in o.get("data", {}) for o in pipeline)
 
 
@@ -222,7 +222,7 @@ def test_widget_cell_never_runs_its_callback_while_executing(tmp_path):
         "from helpers import exercise_augmentations, plot_pipeline",
         "x_train = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)",
         "pipeline = exercise_augmentations((0.5, 0.5, 0.5), seed=0, record=True)",
-        "INTERACTIVE = True"])
+        "examples = list(range(6))", "INTERACTIVE = True"])
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup),
                                          nbformat.v4.new_code_cell(_cell(_nb(), "widget").source)])
     NotebookClient(nb, timeout=120, kernel_name="python3",

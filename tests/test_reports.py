@@ -374,6 +374,15 @@ def test_plot_confusion_matrix_rows_in_percent(labels_preds):
     assert np.all(np.abs(grid.sum(1) - 100) <= 5)  # each row: about 100
 
 
+def test_plot_confusion_matrix_class_names_do_not_touch(labels_preds):
+    fig = helpers.plot_confusion_matrix(helpers.confusion_matrix(*labels_preds, 10), CLASSES)
+    renderer = fig.canvas.get_renderer()
+    for axis in ("x", "y"):
+        boxes = [t.get_window_extent(renderer).padded(3) for t in  # a visible gap: 6 pixels
+                 getattr(fig.axes[0], f"get_{axis}ticklabels")()]
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), axis
+
+
 def test_plot_receptive_field_bars_labels_and_rule():
     table = helpers.receptive_field_table(helpers.Net(TINY))
     fig = helpers.plot_receptive_field(table)

@@ -180,6 +180,14 @@ def test_fit_resume_without_a_checkpoint_starts_from_epoch_1(tmp_path, cpu):
         helpers.fit(model, recipe, train, test, resume=True, progress=False)
 
 
+def test_fit_refuses_a_folder_as_its_checkpoint_before_training(tmp_path, cpu):
+    model, recipe, train, test = _fit_setup()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="is a folder"):
+        helpers.fit(model, recipe, train, test, tmp_path, progress=False)
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in before.items())
+
+
 def test_fit_refuses_a_checkpoint_of_another_run(tmp_path, cpu):
     model, recipe, train, test = _fit_setup()
     path = tmp_path / "m.pt"
@@ -584,7 +592,8 @@ def test_resume_of_a_finished_run_with_other_options_is_refused(finished_run, da
     args = train_args(data_dir, finished_run, "--epochs", "1", "--resume")
     code, out, err = cli(capsys, *args)
     assert code == 0 and "is finished: nothing to do" in out, err
-    for extra, says in ((["--seed", "3"], "seed 0 -> 3"), (["--lr", "0.1"], "recipe.lr 0.2 -> 0.1")):
+    for extra, says in ((["--seed", "3"], "seed 0 -> 3"),
+                        (["--lr", "0.1"], "recipe.lr 0.2 -> 0.1")):
         code, _, err = cli(capsys, *args, *extra)
         assert code == 2 and says in one_line(err), err
     assert snapshot(finished_run) == before
