@@ -1777,4 +1777,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a folder name that is not UTF-8
     sys.exit(main())

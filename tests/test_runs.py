@@ -670,6 +670,17 @@ def test_control_characters_in_names_are_escaped(tmp_path, capsys):
     assert code == 2 and "\x1b" not in err and "\\x1b[31mname" in one_line(err)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="file names there are not bytes")
+def test_a_run_folder_named_in_no_encoding_is_printed_escaped(finished_run, data_dir):
+    odd = os.fsencode(finished_run) + b"\xff"  # a byte that no UTF-8 text holds
+    os.rename(finished_run, odd)
+    for extra in (["--resume"], ["--overwrite"]):
+        argv = helpers_cmd(*train_args(data_dir, "ODD", "--epochs", "1", *extra))
+        done = subprocess.run([odd if a == "ODD" else os.fsencode(a) for a in argv],
+                              env=env(PYTHONIOENCODING="utf-8:strict"), capture_output=True)
+        assert done.returncode == 0 and b"run\\udcff" in done.stdout, done.stderr[-300:]
+
+
 # --------------------------------------------------------------------------- checkpoints
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
