@@ -185,7 +185,7 @@ def _read_pickle(path: Path, read: Callable[[dict], Any]) -> Any:
     except EOFError:
         raise ValueError(f"Cannot read {path}: the file is empty or truncated") from None
     except (OSError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, MemoryError) as e:
+            AttributeError, MemoryError, OverflowError) as e:
         raise ValueError(f"Cannot read {path} as a CIFAR-10 batch ({type(e).__name__}: {e})"
                          ) from None
 
@@ -217,7 +217,7 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
     if arr.shape != (32, 32, 3):
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
@@ -989,8 +989,11 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     recipe of its run is read with the later settings it lacks at their defaults)."""
     import warnings
     path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is {'empty' if path.is_file() else 'not a file'}")
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is {'empty' if path.is_file() else 'not a file'}")
+    except OSError as e:  # a name too long, a loop of links
+        raise CheckpointError(f"{path}: {e.strerror}") from None
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning: not our news
             warnings.simplefilter("ignore")
@@ -1501,14 +1504,16 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
     """A run file's dict holding ``keys``; anything else is refused, naming the file."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         why = "is missing" if isinstance(e, FileNotFoundError) else f"is damaged ({e})"
         raise UsageError(f"{path} {why}, so the run cannot be checked: pass --overwrite to "
                          "start again") from None
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
-    if missing:
-        raise UsageError(f"{path} is damaged: it lacks {', '.join(missing)}; pass --overwrite "
-                         "to start again")
+    counts = [k for k in ("threads", "workers") if k in keys and k not in missing
+              and not (type(value[k]) is int and value[k] >= (k == "threads"))]
+    if missing or counts:
+        what = f"it lacks {', '.join(missing)}" if missing else f"bad {', '.join(counts)}"
+        raise UsageError(f"{path} is damaged: {what}; pass --overwrite to start again")
     return value
 
 class _RunFolder:
@@ -1520,8 +1525,14 @@ class _RunFolder:
         self.out, self.aside, self.epoch = out, out / ".replaced", 0
 
     def __enter__(self) -> _RunFolder:
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"argument --out: {self.out} is a file, not a folder")
+        try:
+            if self.out.exists() and not self.out.is_dir():
+                raise UsageError(f"argument --out: {self.out} is a file, not a folder")
+            if {".replaced", ".discarded"} & set(self.out.resolve().parts):
+                raise UsageError(f"argument --out: {self.out} is inside the folder where a run "
+                                 "set aside by --overwrite is kept: choose another --out")
+        except OSError as e:  # a name too long, a loop of links
+            raise UsageError(f"argument --out: {e.strerror}: {self.out}") from None
         self.created = sum(not p.exists() for p in (self.out, *self.out.parents))  # folders
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -1541,6 +1552,8 @@ class _RunFolder:
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
         shutil.rmtree(self.out / ".discarded", ignore_errors=True)  # its deletion was stopped
+        if self.aside.exists() and not self.aside.is_dir():
+            raise UsageError(f"{self.aside} is not a folder that --overwrite made: move it away")
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
                 and not (self.aside / ".restoring").exists()
@@ -1622,6 +1635,8 @@ class _RunFolder:
             if not (self.out / "weights.pt").exists():
                 save_checkpoint(self.out / "weights.pt", dict(
                     model=state["model"], run=summary, history=state["history"]))
+        elif (self.out / "model.pt").is_dir():
+            raise CheckpointError(f"{self.out}/model.pt is a folder, not a checkpoint")
         elif (self.out / "model.pt").exists():
             print(f"--resume: continuing {self.out}: {self._checkpoint_note()}")
         return dict(config, finished=finished)
@@ -1629,7 +1644,11 @@ class _RunFolder:
     def write_log(self, history: list[dict]) -> None:
         """log.jsonl: one JSON row per epoch of ``history`` (unless it holds just that)."""
         log, text = self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
-        if not log.exists() or log.read_bytes() != text:
+        try:
+            same = log.read_bytes() == text
+        except OSError:  # missing, unreadable or not a file: written anew
+            same = False
+        if not same:
             _write_atomic(log, text)
 
     def refuse_changes(self, prev: dict | None, new: dict) -> None:

@@ -139,6 +139,33 @@ def test_corrupt_image_names_the_file(png_root):
     assert "9999.png" in str(e.value)
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels and holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_an_image_claiming_a_huge_size_names_the_file(png_root):
+    (png_root / "test" / "dog" / "huge.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(ValueError, match="huge.png"):
+        helpers.load_cifar10(png_root)
+
+
+def test_batch_values_out_of_range_name_the_file(batches_root):
+    path = batches_root / "cifar-10-batches-py" / "data_batch_2"
+    for data, labels in (([300] * 3072, [0]), ([0] * 3072, [2 ** 70])):
+        with open(path, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        with pytest.raises(ValueError, match="data_batch_2"):
+            helpers.load_cifar10(batches_root)
+
+
 def test_wrong_size_image_names_the_file(png_root):
     bad = png_root / "test" / "dog" / "small.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad)

@@ -337,6 +337,20 @@ def test_a_killed_overwrite_gives_the_old_run_back(finished_run, data_dir, tmp_p
 
 
 @pytest.mark.slow
+def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir, capsys):
+    before = snapshot(finished_run)
+    for inside in (".replaced", ".discarded", ".replaced/sub"):
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run / inside, "--epochs", "1"))
+        assert code == 2 and "a run set aside by --overwrite" in one_line(err)
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
+                                               "--resume"))
+        assert code == 0 and snapshot(finished_run) == before
+    (finished_run / ".replaced").write_text("not ours")
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "is not a folder that --overwrite made" in one_line(err)
+    assert (finished_run / ".replaced").read_text() == "not ours"
+
+
 def test_one_writer_per_run_folder(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     first = _start_paused(tmp_path, out, "batch", train_args(data_dir, out))
@@ -535,6 +549,33 @@ def test_run_files_of_the_wrong_kind_are_refused_in_one_line(finished_run, data_
     assert code == 2 and "cannot be resumed: it lacks optimizer" in one_line(err)
 
 
+def test_run_settings_of_the_wrong_kind_are_refused_in_one_line(partial_run, data_dir, capsys):
+    config = (partial_run / "config.json").read_text()
+    for text, says in ((json.dumps(dict(json.loads(config), threads="abc")), ": bad threads"),
+                       (json.dumps(dict(json.loads(config), threads=-3)), ": bad threads"),
+                       (json.dumps(dict(json.loads(config), workers=-1)), ": bad workers"),
+                       ("[" * 100_000 + "]" * 100_000, " (maximum recursion")):
+        (partial_run / "config.json").write_text(text)
+        before = snapshot(partial_run)
+        code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+        assert code == 2 and f"config.json is damaged{says}" in one_line(err)
+        assert snapshot(partial_run) == before
+
+
+def test_a_folder_in_place_of_the_checkpoint_is_one_line(partial_run, data_dir, capsys):
+    (partial_run / "model.pt").unlink()
+    (partial_run / "model.pt").mkdir()
+    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+    assert code == 2 and "model.pt is a folder" in one_line(err)
+
+
+def test_a_folder_in_place_of_the_log_is_one_line(finished_run, data_dir, capsys):
+    (finished_run / "log.jsonl").unlink()
+    (finished_run / "log.jsonl").mkdir()
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 74 and "cannot write" in one_line(err) and "log.jsonl" in one_line(err)
+
+
 def test_a_checkpoint_of_another_run_is_refused(data_dir, tmp_path, capsys, monkeypatch):
     runs = {}
     for seed in (0, 1):
@@ -663,6 +704,14 @@ def test_an_unwritable_overwrite_target_is_one_line(finished_run, data_dir, caps
     finally:
         finished_run.chmod(0o755)
     assert code == 2 and "cannot write" in one_line(err)
+
+
+def test_names_too_long_are_one_line(data_dir, tmp_path, capsys):
+    long = tmp_path / ("a" * 300)
+    code, _, err = cli(capsys, *train_args(data_dir, long))
+    assert code == 2 and "too long" in one_line(err)
+    code, _, err = cli(capsys, "evaluate", "--weights", long, "--data-dir", data_dir)
+    assert code == 2 and "too long" in one_line(err)
 
 
 def test_control_characters_in_names_are_escaped(tmp_path, capsys):
