@@ -134,8 +134,8 @@ def get_device(verbose: bool = True) -> torch.device:
         device, msg = torch.device("mps"), "Using Apple GPU (MPS)"
     else:
         device, msg = torch.device("cpu"), (
-            "No GPU found: training on the CPU is slow (an epoch of the default recipe took "
-            "80-130 s on 2 cores). In Colab choose Runtime > Change runtime type > GPU.")
+            "No GPU found: training on the CPU is slow (an epoch of the default recipe takes 1-2 "
+            "minutes on 2 cores). In Colab choose Runtime > Change runtime type > GPU.")
     if verbose:
         print(msg)
     return device
@@ -1528,10 +1528,13 @@ class _RunFolder:
         try:
             if self.out.exists() and not self.out.is_dir():
                 raise UsageError(f"argument --out: {self.out} is a file, not a folder")
-            if {".replaced", ".discarded"} & set(self.out.resolve().parts):
-                raise UsageError(f"argument --out: {self.out} is inside the folder where a run "
-                                 "set aside by --overwrite is kept: choose another --out")
-        except OSError as e:  # a name too long, a loop of links
+            real = Path(os.path.realpath(self.out))
+            for p in (real, *real.parents):
+                if p.name.casefold() in (".replaced", ".discarded") and any(
+                        (p.parent / name).exists() for name in (".lock", "config.json")):
+                    raise UsageError(f"argument --out: {self.out} is inside the folder where a "
+                                     "run set aside by --overwrite is kept: choose another --out")
+        except OSError as e:  # a name too long
             raise UsageError(f"argument --out: {e.strerror}: {self.out}") from None
         self.created = sum(not p.exists() for p in (self.out, *self.out.parents))  # folders
         try:
@@ -1552,7 +1555,7 @@ class _RunFolder:
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
         shutil.rmtree(self.out / ".discarded", ignore_errors=True)  # its deletion was stopped
-        if self.aside.exists() and not self.aside.is_dir():
+        if self.aside.is_symlink() or self.aside.exists() and not self.aside.is_dir():
             raise UsageError(f"{self.aside} is not a folder that --overwrite made: move it away")
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
@@ -1770,6 +1773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
     interrupted by SIGINT or SIGTERM (continue with --resume); errors are one line on stderr."""
     args, previous = _build_parser().parse_args(argv), None
+    if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:  # from here a signal is caught below, with the clean-up of Ctrl-C
             previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -1796,5 +1801,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # a folder name that is not UTF-8
     sys.exit(main())

@@ -336,7 +336,6 @@ def test_a_killed_overwrite_gives_the_old_run_back(finished_run, data_dir, tmp_p
     assert code == 0 and "keeps epoch 1" in stdout and len(rows(finished_run)) == 3, err
 
 
-@pytest.mark.slow
 def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir, capsys):
     before = snapshot(finished_run)
     for inside in (".replaced", ".discarded", ".replaced/sub"):
@@ -349,8 +348,24 @@ def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir,
     code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
     assert code == 2 and "is not a folder that --overwrite made" in one_line(err)
     assert (finished_run / ".replaced").read_text() == "not ours"
+    (finished_run / ".replaced").unlink()
+    other = finished_run.parent / "other"
+    shutil.copytree(finished_run, other)
+    (other / "config.json").write_text("{}")
+    (finished_run / ".replaced").symlink_to(other)  # a link to another run's folder
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "is not a folder that --overwrite made" in one_line(err)
+    assert snapshot(finished_run) == before and (other / "config.json").read_text() == "{}"
 
 
+def test_a_loop_of_links_as_the_run_folder_is_one_line(data_dir, tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "a" / "run"))
+    assert code == 2 and "symbolic links" in one_line(err)
+
+
+@pytest.mark.slow
 def test_one_writer_per_run_folder(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     first = _start_paused(tmp_path, out, "batch", train_args(data_dir, out))
@@ -719,6 +734,7 @@ def test_control_characters_in_names_are_escaped(tmp_path, capsys):
     assert code == 2 and "\x1b" not in err and "\\x1b[31mname" in one_line(err)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="file names there are not bytes")
 def test_a_run_folder_named_in_no_encoding_is_printed_escaped(finished_run, data_dir):
     odd = os.fsencode(finished_run) + b"\xff"  # a byte that no UTF-8 text holds
