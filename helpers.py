@@ -1500,6 +1500,8 @@ _SAME = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "worke
          "classes", "train_images", "eval_split", "eval_images", "mean", "std")
 _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, not a refusal
 
+_COUNTS = {"threads": 1, "workers": 0}  # run settings that are counts, and their least value
+
 def _read_json(path: Path, keys: Sequence[str]) -> dict:
     """A run file's dict holding ``keys``; anything else is refused, naming the file."""
     try:
@@ -1509,8 +1511,8 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
         raise UsageError(f"{path} {why}, so the run cannot be checked: pass --overwrite to "
                          "start again") from None
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
-    counts = [k for k in ("threads", "workers") if k in keys and k not in missing
-              and not (type(value[k]) is int and value[k] >= (k == "threads"))]
+    counts = [k for k, least in _COUNTS.items() if k in keys and k not in missing
+              and not (type(value[k]) is int and value[k] >= least)]
     if missing or counts:
         what = f"it lacks {', '.join(missing)}" if missing else f"bad {', '.join(counts)}"
         raise UsageError(f"{path} is damaged: {what}; pass --overwrite to start again")
