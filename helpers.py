@@ -48,12 +48,12 @@ __all__ = [
     "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
     "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
-    "start_training", "mixup_draw", "train_step", "train_one_epoch", "fit", "format_row",
-    "predict_logits", "evaluate", "CheckpointError", "WriteError", "save_checkpoint",
-    "save_weights", "load_model", "predict", "hardest_mistakes", "confusion_matrix",
-    "confused_pairs", "class_report", "grad_cam", "plot_samples", "plot_pipeline",
-    "plot_history", "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field",
-    "figures_folder", "save_figure", "bench", "bench_table", "main"]
+    "start_training", "mixup_draw", "update_ema", "train_step", "train_one_epoch", "fit",
+    "format_row", "predict_logits", "evaluate", "CheckpointError", "WriteError",
+    "save_checkpoint", "save_weights", "load_model", "predict", "hardest_mistakes",
+    "confusion_matrix", "confused_pairs", "class_report", "grad_cam", "plot_samples",
+    "plot_pipeline", "plot_history", "plot_mistakes", "plot_confusion_matrix",
+    "plot_receptive_field", "figures_folder", "save_figure", "bench", "bench_table", "main"]
 
 
 # =========================================================================== the recipe
@@ -768,10 +768,10 @@ class Training:
     criterion: nn.Module               # cross-entropy with the recipe's label smoothing
     scaler: torch.amp.GradScaler       # float16 loss scaling on CUDA, a no-op elsewhere
     device: torch.device
-    recipe: Recipe                     # its mixup and the run's length, for the mixup draws
-    ema: Any                           # the weights' moving average (AveragedModel), or None
-    seed: int = 0                      # with ``step``, seeds each step's mixup draws
-    steps_per_epoch: int = 1
+    recipe: Recipe                     # for mixup: its strength and the run's length
+    ema: nn.Module | None              # a copy of the model holding the weights' average
+    seed: int                          # with ``step``, seeds each step's mixup draw
+    steps_per_epoch: int
     step: int = 0                      # optimisation steps taken
 
 def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int, seed: int = 0
@@ -792,35 +792,45 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int, seed:
             pct_start=min(max(recipe.pct_start, 2.0 / total), 0.5), final_div_factor=100.0)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    ema = None
-    if recipe.ema:  # averages BatchNorm's running statistics too (use_buffers)
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema),
-                            use_buffers=True)
+    ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema else None  # see update_ema
     return Training(model, optimizer, scheduler, criterion, scaler, device, recipe, ema, seed,
                     steps_per_epoch)
 
+MIXUP_PLAIN_EPOCHS = 5  # mixup leaves out a run's last epochs: it ends on plain images
+
 def mixup_draw(t: Training, n: int) -> tuple[float, torch.Tensor]:
-    """Mixup at step ``t.step``: (share of the batch's own images, order of their partners)."""
-    total, last = t.recipe.epochs * t.steps_per_epoch, 5 * t.steps_per_epoch
-    ramp = min(1.0, t.step / (total / 2)) if t.step < total - last else 0.0
+    """Mixup at step ``t.step``: (share λ of the batch's own images, order of their partners)."""
+    total, plain = t.recipe.epochs * t.steps_per_epoch, MIXUP_PLAIN_EPOCHS * t.steps_per_epoch
+    ramp = min(1.0, t.step / (total / 2)) if t.step < total - plain else 0.0  # 0 to 1, then 0
     rng = np.random.default_rng([t.seed, t.step])  # a resumed run draws the same
     b = rng.beta(t.recipe.mixup, t.recipe.mixup)
-    lam = 1 - ramp * (1 - max(b, 1 - b))  # the batch's own labels keep the larger share
-    return lam, torch.from_numpy(rng.permutation(n)).to(t.device)
+    lam = 1 - ramp * (1 - max(b, 1 - b))  # in [0.5, 1]: the own label keeps the larger share
+    return lam, torch.from_numpy(rng.permutation(n)).to(t.device, non_blocking=True)
+
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """Move ``average``'s weights and BatchNorm statistics towards ``model``'s by a share of
+    1 - decay (decay 0: copy them); BatchNorm's batch counters are copied."""
+    for a, w in zip(average.state_dict().values(), model.state_dict().values()):
+        if a.dtype.is_floating_point:
+            a.lerp_(w, 1 - decay)
+        else:
+            a.copy_(w)
 
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device."""
+    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device
+    (with mixup, predictions are counted against the batch's own labels)."""
     x, y = to_input(x, t.device), y.to(t.device, non_blocking=True)
-    lam, partner = mixup_draw(t, len(y)) if t.recipe.mixup else (1.0, None)
-    if lam < 1:  # mixup: the net sees a blend of two images and is scored on both labels
-        x = lam * x + (1 - lam) * x[partner]
+    mix = mixup_draw(t, len(y)) if t.recipe.mixup else None
     with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.device.type == "cuda"):
-        logits = t.model(x)
-        loss = t.criterion(logits, y)
-        if lam < 1:
-            loss = lam * loss + (1 - lam) * t.criterion(logits, y[partner])
+        if mix is None:
+            logits = t.model(x)
+            loss = t.criterion(logits, y)
+        else:  # mixup: a blend of two images, scored against both labels alike
+            lam, partner = mix
+            logits = t.model(lam * x + (1 - lam) * x[partner])
+            loss = lam * t.criterion(logits, y) + (1 - lam) * t.criterion(logits, y[partner])
     if check and not torch.isfinite(loss):  # before the update: the weights stay finite
         raise FloatingPointError(f"the training loss became {loss.item()}")
     t.optimizer.zero_grad(set_to_none=True)
@@ -829,8 +839,8 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
     t.scaler.update()
     if t.scheduler is not None:
         t.scheduler.step()
-    if t.ema is not None:
-        t.ema.update_parameters(t.model)
+    if t.ema is not None:  # the first step copies the weights, later ones average them
+        update_ema(t.ema, t.model, t.recipe.ema if t.step else 0.0)
     t.step += 1
     return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -875,10 +885,10 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
     """Train ``model`` (on its device) by ``recipe``; return one history row per epoch.
 
     ``eval_batches`` are scored after each epoch for the log only; the model ends with the last
-    weights (with ``recipe.ema``: their average, which is also what is scored). ``checkpoint``
-    is saved after every epoch; ``resume`` continues from it (or starts). ``log`` gets the
-    history after each epoch (default: print the new row). A run that diverges stops with
-    FloatingPointError before that epoch is saved.
+    weights (``recipe.ema``: their average, also what is scored). Mixup draws from the seed of
+    the loader's ``EpochSampler`` (else 0). ``checkpoint`` is saved after every epoch;
+    ``resume`` continues from it (or starts). ``log`` gets the history after each epoch
+    (default: print the new row). A diverging run stops (FloatingPointError) before saving.
     """
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
@@ -903,8 +913,8 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
                                      f"({_saved(checkpoint, epoch)})") from None
         train_seconds = time.perf_counter() - start
         if t.ema is not None and epoch == recipe.epochs:  # the run ends with the average
-            model.load_state_dict(t.ema.module.state_dict())
-        eval_loss, eval_acc = evaluate(model if t.ema is None else t.ema.module, eval_batches)
+            model.load_state_dict(t.ema.state_dict())
+        eval_loss, eval_acc = evaluate(model if t.ema is None else t.ema, eval_batches)
         row = dict(epoch=epoch, lr=lr, train_loss=loss, train_acc=acc, eval_loss=eval_loss,
                    eval_acc=eval_acc, train_seconds=train_seconds,
                    seconds=time.perf_counter() - start, images_per_s=seen / train_seconds)
@@ -1107,12 +1117,13 @@ def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
     save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run), history=list(history)))
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Net, dict]:
-    """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds."""
+    """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds (a
+    checkpoint with a moving average of the weights, ``recipe.ema``: the average, as scored)."""
     state = _read_checkpoint(path)
     try:
         recipe = Recipe(**state["run"]["recipe"])
         model = build_model(recipe, num_classes=len(state["model"]["out.1.bias"]))
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("ema") or state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
     return model.to(device).eval(), state

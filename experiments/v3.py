@@ -10,7 +10,8 @@ Candidates that earned their place are recipe settings of helpers.py now: the ex
 credit (``--dilated-downs``), mixup (``--mixup``) and the weights' moving average (``--ema``).
 This script's earlier ``--extra-credit`` and ``--dilated-c3`` built the nets of
 ``--dilated-downs 1`` and ``2``, and its ``--mixup`` and ``--ema`` trained as those settings do,
-step for step (the EMA saved beside each checkpoint as ``ema-<epoch>.pt``, not inside it).
+step for step. A run folder made with those options records none of them and kept its average
+beside each checkpoint (``ema-<epoch>.pt``): a finished one scores, none resumes.
 """
 from __future__ import annotations
 

@@ -159,7 +159,8 @@ def test_mixup_ramps_in_and_is_off_for_the_last_five_epochs(cpu):
 
 
 def test_ema_averages_the_weights_after_every_step(random_data, cpu):
-    """Checked against the average computed by hand: e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k."""
+    """Checked against the average computed by hand: e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k;
+    BatchNorm's batch counters are the model's."""
     x, y = torch.as_tensor(random_data[0][:32]), torch.as_tensor(random_data[1][:32])
     model = helpers.Net(TINY)
     t = helpers.start_training(model, _tiny(ema=0.75), steps_per_epoch=4)
@@ -171,22 +172,45 @@ def test_ema_averages_the_weights_after_every_step(random_data, cpu):
                    if v.dtype.is_floating_point}
         average = weights if average is None else \
             {n: 0.75 * average[n] + 0.25 * w for n, w in weights.items()}
-    kept = t.ema.module.state_dict()
+    kept = t.ema.state_dict()
     assert all(torch.allclose(kept[n].double(), a, atol=1e-6) for n, a in average.items())
     assert not all(torch.equal(kept[n], v) for n, v in model.state_dict().items())
+    counters = [n for n in kept if n.endswith("num_batches_tracked")]
+    assert counters and all(kept[n] == model.state_dict()[n] == 4 for n in counters)
 
 
 def test_fit_with_ema_scores_and_ends_with_the_average(random_data, cpu, tmp_path):
+    """Every epoch scores the average; a checkpoint loads as it; the run ends holding it."""
     train, test = tiny_loaders(*random_data)
+    recipe, path = _tiny(epochs=2, ema=0.9, mixup=0.2), tmp_path / "m.pt"
+
+    def stop_after_epoch_1(history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        helpers.fit(helpers.Net(TINY), recipe, train, test, path, progress=False,
+                    log=stop_after_epoch_1)
+    saved = torch.load(path, weights_only=True)
+    averaged, state = helpers.load_model(path)
+    assert all(torch.equal(saved["ema"][n], v) for n, v in averaged.state_dict().items())
+    assert not all(torch.equal(saved["model"][n], v) for n, v in averaged.state_dict().items())
+    assert saved["history"][0]["eval_loss"] == helpers.evaluate(averaged, test)[0]
     model = helpers.Net(TINY)
-    recipe = _tiny(epochs=2, ema=0.9, mixup=0.2)
-    history = helpers.fit(model, recipe, train, test, tmp_path / "m.pt", progress=False,
+    history = helpers.fit(model, recipe, train, test, path, resume=True, progress=False,
                           log=lambda h: None)
-    saved = torch.load(tmp_path / "m.pt", weights_only=True)
-    average = {k.removeprefix("module."): v for k, v in saved["ema"].items() if k != "n_averaged"}
-    assert all(torch.equal(average[n], v) for n, v in model.state_dict().items())
-    assert saved["ema"]["n_averaged"] == 2 * len(train)
-    assert history[-1]["eval_acc"] == helpers.evaluate(model, test)[1]
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(saved["ema"][n], v) for n, v in model.state_dict().items())
+    assert history[-1]["eval_loss"] == helpers.evaluate(model, test)[0]
+
+
+def test_fit_draws_mixup_from_the_seed_and_step(random_data, cpu, monkeypatch):
+    seen, draw = [], helpers.mixup_draw
+    monkeypatch.setattr(helpers, "mixup_draw", lambda t, n: seen.append((t.seed, t.step))
+                        or draw(t, n))
+    train, test = tiny_loaders(*random_data, seed=5)
+    helpers.fit(helpers.Net(TINY), _tiny(epochs=2, mixup=0.2), train, test, progress=False,
+                log=lambda h: None)
+    assert seen == [(5, step) for step in range(2 * len(train))]
 
 
 def test_train_one_epoch_returns_mean_loss_accuracy_and_images(cpu):
