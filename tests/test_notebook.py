@@ -440,7 +440,7 @@ def test_the_texts_figures_agree_with_the_run_and_readme():
     nb = _nb()
     minutes = re.search(r"that took (\d+) minutes", nb.cells[0].source)
     trained = re.search(r"training time: ([\d.]+) min", _about())
-    assert minutes and trained and int(minutes.group(1)) == round(float(trained.group(1)))
+    assert minutes and trained and abs(int(minutes.group(1)) - float(trained.group(1))) <= 0.5
     results = next(c.source for c in nb.cells if c.source.startswith("## 8. Results"))
     spread = re.search(r"ended at ([\d.]+ ± [\d.]+)%", results)
     assert spread and spread.group(1) in (REPO / "README.md").read_text()
