@@ -280,13 +280,17 @@ def test_finished_run_is_never_overwritten_silently(finished_run, data_dir, caps
 
 def test_resume_of_a_finished_run_rebuilds_its_deleted_log_and_weights(finished_run, data_dir,
                                                                           capsys):
-    """log.jsonl cut short and weights.pt deleted: --resume writes both again from model.pt."""
+    """log.jsonl cut short and weights.pt deleted: --resume writes both again from model.pt
+    (and removes the temp files of writers killed before their rename)."""
     out, before = finished_run, snapshot(finished_run)
     weights = torch.load(out / "weights.pt", weights_only=True)
     (out / "log.jsonl").write_text((out / "log.jsonl").read_text()[:-20])
     (out / "weights.pt").unlink()
+    for stale in ("model.pt.12345.tmp", "summary.json.12345.tmp"):
+        (out / stale).write_bytes(b"half a file")
     code, stdout, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1", "--resume"))
     assert code == 0 and "nothing to do" in stdout, err
+    assert not list(out.glob("*.tmp"))
     assert (out / "log.jsonl").read_bytes() == before["log.jsonl"]
     again = torch.load(out / "weights.pt", weights_only=True)
     assert again["run"] == weights["run"] and again["history"] == weights["history"]
