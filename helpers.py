@@ -48,12 +48,12 @@ __all__ = [
     "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
     "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
-    "start_training", "mixup_draw", "update_ema", "train_step", "train_one_epoch", "fit",
-    "format_row", "predict_logits", "evaluate", "CheckpointError", "WriteError",
-    "save_checkpoint", "save_weights", "load_model", "predict", "hardest_mistakes",
-    "confusion_matrix", "confused_pairs", "class_report", "grad_cam", "plot_samples",
-    "plot_pipeline", "plot_history", "plot_mistakes", "plot_confusion_matrix",
-    "plot_receptive_field", "figures_folder", "save_figure", "bench", "bench_table", "main"]
+    "start_training", "train_step", "train_one_epoch", "fit", "format_row", "predict_logits",
+    "evaluate", "CheckpointError", "WriteError", "save_checkpoint", "save_weights",
+    "load_model", "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs",
+    "class_report", "grad_cam", "plot_samples", "plot_pipeline", "plot_history",
+    "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field", "figures_folder",
+    "save_figure", "bench", "bench_table", "main"]
 
 
 # =========================================================================== the recipe
@@ -98,13 +98,6 @@ class Recipe:
                                *_PROBABILITY, "P")
     p_dropout: float = _setting(0.25, "probability of the 16x16 CoarseDropout hole per image",
                                 *_PROBABILITY, "P")
-    mixup: float = _setting(0.0, "mixup's Beta(A, A) parameter: each batch blended with a "
-                            "shuffled copy of itself, ramped in over the first half of training "
-                            "and off for the last 5 epochs (0: no mixup)", "a number >= 0",
-                            lambda v: 0 <= v < math.inf, "A")
-    ema: float = _setting(0.0, "decay per step of the moving average of the weights that is "
-                          "scored after each epoch and kept at the end (0: the last weights)",
-                          "a number in [0, 1)", lambda v: 0 <= v < 1, "D")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -768,15 +761,9 @@ class Training:
     criterion: nn.Module               # cross-entropy with the recipe's label smoothing
     scaler: torch.amp.GradScaler       # float16 loss scaling on CUDA, a no-op elsewhere
     device: torch.device
-    recipe: Recipe                     # for mixup: its strength and the run's length
-    ema: nn.Module | None              # a copy of the model holding the weights' average
-    seed: int                          # with ``step``, seeds each step's mixup draw
-    steps_per_epoch: int
-    step: int = 0                      # optimisation steps taken
 
-def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int, seed: int = 0
-                   ) -> Training:
-    """The optimizer, schedule, loss, scaler and average for ``model`` (on its device)."""
+def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Training:
+    """The optimizer, schedule, loss and scaler for ``model`` (already on its device)."""
     device = next(model.parameters()).device
     if _channels_last(device):
         model.to(memory_format=torch.channels_last)
@@ -792,45 +779,15 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int, seed:
             pct_start=min(max(recipe.pct_start, 2.0 / total), 0.5), final_div_factor=100.0)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema else None  # see update_ema
-    return Training(model, optimizer, scheduler, criterion, scaler, device, recipe, ema, seed,
-                    steps_per_epoch)
-
-MIXUP_PLAIN_EPOCHS = 5  # mixup leaves out a run's last epochs: it ends on plain images
-
-def mixup_draw(t: Training, n: int) -> tuple[float, torch.Tensor]:
-    """Mixup at step ``t.step``: (share λ of the batch's own images, order of their partners)."""
-    total, plain = t.recipe.epochs * t.steps_per_epoch, MIXUP_PLAIN_EPOCHS * t.steps_per_epoch
-    ramp = min(1.0, t.step / (total / 2)) if t.step < total - plain else 0.0  # 0 to 1, then 0
-    rng = np.random.default_rng([t.seed, t.step])  # a resumed run draws the same
-    b = rng.beta(t.recipe.mixup, t.recipe.mixup)
-    lam = 1 - ramp * (1 - max(b, 1 - b))  # in [0.5, 1]: the own label keeps the larger share
-    return lam, torch.from_numpy(rng.permutation(n)).to(t.device, non_blocking=True)
-
-@torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """Move ``average``'s weights and BatchNorm statistics towards ``model``'s by a share of
-    1 - decay (decay 0: copy them); BatchNorm's batch counters are copied."""
-    for a, w in zip(average.state_dict().values(), model.state_dict().values()):
-        if a.dtype.is_floating_point:
-            a.lerp_(w, 1 - decay)
-        else:
-            a.copy_(w)
+    return Training(model, optimizer, scheduler, criterion, scaler, device)
 
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device
-    (with mixup, predictions are counted against the batch's own labels)."""
+    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device."""
     x, y = to_input(x, t.device), y.to(t.device, non_blocking=True)
-    mix = mixup_draw(t, len(y)) if t.recipe.mixup else None
     with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.device.type == "cuda"):
-        if mix is None:
-            logits = t.model(x)
-            loss = t.criterion(logits, y)
-        else:  # mixup: a blend of two images, scored against both labels alike
-            lam, partner = mix
-            logits = t.model(lam * x + (1 - lam) * x[partner])
-            loss = lam * t.criterion(logits, y) + (1 - lam) * t.criterion(logits, y[partner])
+        logits = t.model(x)
+        loss = t.criterion(logits, y)
     if check and not torch.isfinite(loss):  # before the update: the weights stay finite
         raise FloatingPointError(f"the training loss became {loss.item()}")
     t.optimizer.zero_grad(set_to_none=True)
@@ -839,9 +796,6 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
     t.scaler.update()
     if t.scheduler is not None:
         t.scheduler.step()
-    if t.ema is not None:  # the first step copies the weights, later ones average them
-        update_ema(t.ema, t.model, t.recipe.ema if t.step else 0.0)
-    t.step += 1
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterator:
@@ -884,21 +838,20 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
         progress: bool = True, log: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Train ``model`` (on its device) by ``recipe``; return one history row per epoch.
 
-    ``eval_batches`` are scored after each epoch for the log only; the model ends with the last
-    weights (``recipe.ema``: their average, also what is scored). Mixup draws from the seed of
-    the loader's ``EpochSampler`` (else 0). ``checkpoint`` is saved after every epoch;
-    ``resume`` continues from it (or starts). ``log`` gets the history after each epoch
-    (default: print the new row). A diverging run stops (FloatingPointError) before saving.
+    ``eval_batches`` are scored after each epoch for the log only (the model returned is the
+    last one). ``checkpoint`` is saved after every epoch; ``resume`` continues from it (or
+    starts). ``log`` gets the history after each epoch (default: print the new row). A run
+    that diverges stops with FloatingPointError before that epoch is saved.
     """
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
     if checkpoint is not None and Path(checkpoint).is_dir():  # else it fails after an epoch
         raise ValueError(f"checkpoint {checkpoint} is a folder: give a file path in it")
+    t = start_training(model, recipe, len(train_loader))
     transform = getattr(train_loader.dataset, "transform", None)
     run = dict(recipe=asdict(recipe), seed=getattr(train_loader.sampler, "seed", None),
                augment_seed=getattr(transform, "seed", None), steps_per_epoch=len(train_loader),
                train_images=len(train_loader.dataset))  # what its checkpoints must match
-    t = start_training(model, recipe, len(train_loader), run["seed"] or 0)
     history = _resume(Path(checkpoint), t, run) if resume and Path(checkpoint).is_file() else []
     for epoch in range(len(history) + 1, recipe.epochs + 1):
         start, lr = time.perf_counter(), t.optimizer.param_groups[0]["lr"]
@@ -912,9 +865,7 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
             raise FloatingPointError(f"Epoch {epoch}: {e}; stopped before saving "
                                      f"({_saved(checkpoint, epoch)})") from None
         train_seconds = time.perf_counter() - start
-        if t.ema is not None and epoch == recipe.epochs:  # the run ends with the average
-            model.load_state_dict(t.ema.state_dict())
-        eval_loss, eval_acc = evaluate(model if t.ema is None else t.ema, eval_batches)
+        eval_loss, eval_acc = evaluate(model, eval_batches)
         row = dict(epoch=epoch, lr=lr, train_loss=loss, train_acc=acc, eval_loss=eval_loss,
                    eval_acc=eval_acc, train_seconds=train_seconds,
                    seconds=time.perf_counter() - start, images_per_s=seen / train_seconds)
@@ -924,8 +875,7 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
             save_checkpoint(checkpoint, dict(
                 model=model.state_dict(), optimizer=t.optimizer.state_dict(),
                 scheduler=t.scheduler.state_dict() if t.scheduler is not None else None,
-                scaler=t.scaler.state_dict(), epoch=epoch, history=history, run=run,
-                ema=None if t.ema is None else t.ema.state_dict()))
+                scaler=t.scaler.state_dict(), epoch=epoch, history=history, run=run))
         (log or (lambda rows: print(format_row(rows[-1], epochs=recipe.epochs))))(history)
     return history
 
@@ -1025,7 +975,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     torch.save(state, buffer)
     _write_atomic(Path(path), buffer.getvalue())
 
-_LATER_SETTINGS = ("dilated_downs", "mixup", "ema")  # Recipe fields that runs made before them lack
+_LATER_SETTINGS = ("dilated_downs",)  # Recipe fields that runs made before them lack
 
 def _with_defaults(run: Any) -> Any:
     """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""
@@ -1097,8 +1047,6 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
         if t.scheduler is not None:
             t.scheduler.load_state_dict(state["scheduler"])
         t.scaler.load_state_dict(state["scaler"])
-        if t.ema is not None:
-            t.ema.load_state_dict(state["ema"])
         if any(v.shape != p.shape for p, s in t.optimizer.state.items() for v in s.values()
                if torch.is_tensor(v) and v.ndim):  # torch checks this only at the next step
             raise ValueError("the optimizer's state does not match the weights")
@@ -1108,7 +1056,6 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     if epochs != list(range(1, len(epochs) + 1)) or state.get("epoch") != len(epochs) or \
             steps != len(epochs) * run["steps_per_epoch"]:
         raise CheckpointError(f"{path} is damaged: its history, epoch and schedule disagree")
-    t.step = steps
     return list(state["history"])
 
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
@@ -1117,13 +1064,12 @@ def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
     save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run), history=list(history)))
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Net, dict]:
-    """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds (a
-    checkpoint with a moving average of the weights, ``recipe.ema``: the average, as scored)."""
+    """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds."""
     state = _read_checkpoint(path)
     try:
         recipe = Recipe(**state["run"]["recipe"])
         model = build_model(recipe, num_classes=len(state["model"]["out.1.bias"]))
-        model.load_state_dict(state.get("ema") or state["model"])
+        model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
     return model.to(device).eval(), state

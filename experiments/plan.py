@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "base": ([], []),
     "extra-credit": ([], ["--dilated-downs", "1"]),
-    "mixup": ([], ["--mixup", "0.2"]),
-    "ema": ([], ["--ema", "0.999"]),
-    "adamw-ema-mixup": (["--adamw", "0.004"], ["--ema", "0.999", "--mixup", "0.2"]),
+    "mixup": (["--mixup", "0.2"], []),
+    "ema": (["--ema", "0.999"], []),
+    "adamw-ema-mixup": (["--adamw", "0.004", "--ema", "0.999", "--mixup", "0.2"], []),
     # the CPU's first long candidate, alone and with mixup and EMA
     "extra-credit-aug50": ([], ["--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
-    "extra-credit-aug50-mixup-ema": ([], ["--dilated-downs", "1", "--p-affine", "0.5",
-                                          "--p-dropout", "0.5", "--mixup", "0.2", "--ema",
-                                          "0.999"]),
+    "extra-credit-aug50-mixup-ema": (["--mixup", "0.2", "--ema", "0.999"],
+                                     ["--dilated-downs", "1", "--p-affine", "0.5",
+                                      "--p-dropout", "0.5"]),
     # the CPU's second: C3's downsampler dilated too (16x16 -> 12x12 -> 8x8)
     "dilated-c3-aug50": ([], ["--dilated-downs", "2", "--p-affine", "0.5", "--p-dropout", "0.5"]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)

@@ -58,8 +58,7 @@ def test_every_recipe_field_declares_help_range_and_an_option():
     ("epochs", True), ("widths", (8, 16, 16)), ("widths", (0, 16, 16, 16)),
     ("depths", (1, 0, 1, 1)), ("depths", (-1, 1, 1, 1)), ("lr", float("nan")),
     ("lr", float("inf")), ("lr", 0), ("weight_decay", -1e-4), ("label_smoothing", 1.0),
-    ("pct_start", 0.0), ("batch_size", 0), ("mixup", -0.1), ("mixup", float("inf")),
-    ("ema", 1.0), ("ema", -0.5)])
+    ("pct_start", 0.0), ("batch_size", 0)])
 def test_a_recipe_cannot_be_built_with_a_bad_value(field, value):
     with pytest.raises(ValueError, match=rf"^Recipe\.{field}: expected .*, got"):
         helpers.Recipe(**{field: value})
@@ -120,97 +119,6 @@ def test_train_step_stops_on_nan_loss_before_the_update(random_data, cpu):
     with pytest.raises(FloatingPointError, match="nan"):
         helpers.train_step(t, x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_mixup_blends_the_batch_with_a_shuffled_copy_and_both_labels(random_data, cpu):
-    """The net's input is lam * x + (1 - lam) * x[partner] and the loss mixes the two label
-    sets alike, checked against a forward pass of a copy of the net made by hand."""
-    x, y = torch.as_tensor(random_data[0][:16]), torch.as_tensor(random_data[1][:16])
-    model = helpers.Net(TINY)
-    t = helpers.start_training(model, _tiny(epochs=20, mixup=1.0, label_smoothing=0.0), 4)
-    t.step = 40  # the ramp is full from the middle of training on
-    lam, partner = helpers.mixup_draw(t, 16)
-    assert 0.5 <= lam < 1 and sorted(partner.tolist()) == list(range(16))
-    twin = helpers.Net(TINY)
-    twin.load_state_dict(model.state_dict())
-    twin.train()
-    u = helpers.to_input(x, t.device)
-    logits = twin(lam * u + (1 - lam) * u[partner])
-    want = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[partner])
-    model.train()
-    loss, _ = helpers.train_step(t, x, y)
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and t.step == 41
-
-
-def test_mixup_ramps_in_and_is_off_for_the_last_five_epochs(cpu):
-    t = helpers.start_training(helpers.Net(TINY), _tiny(epochs=20, mixup=0.2), 10)
-    shares = []
-    for step in range(200):
-        t.step = step
-        shares.append(helpers.mixup_draw(t, 8)[0])
-    first, second = (helpers.mixup_draw(replace(t, step=57), 8) for _ in range(2))
-    assert first[0] == second[0] == shares[57] and torch.equal(first[1], second[1])
-    assert shares[0] == 1.0 and all(0.5 <= s <= 1 for s in shares)
-    assert all(s == 1.0 for s in shares[150:])  # the last 5 of 20 epochs: the images alone
-    assert np.mean(1 - np.array(shares[10:50])) < np.mean(1 - np.array(shares[100:140]))
-    t.seed = 1  # another seed draws otherwise
-    assert [helpers.mixup_draw(replace(t, step=s), 8)[0] for s in range(100, 110)] != \
-        shares[100:110]
-
-
-def test_ema_averages_the_weights_after_every_step(random_data, cpu):
-    """Checked against the average computed by hand: e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k;
-    BatchNorm's batch counters are the model's."""
-    x, y = torch.as_tensor(random_data[0][:32]), torch.as_tensor(random_data[1][:32])
-    model = helpers.Net(TINY)
-    t = helpers.start_training(model, _tiny(ema=0.75), steps_per_epoch=4)
-    model.train()
-    average = None
-    for i in range(4):
-        helpers.train_step(t, x[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
-        weights = {n: v.detach().double().clone() for n, v in model.state_dict().items()
-                   if v.dtype.is_floating_point}
-        average = weights if average is None else \
-            {n: 0.75 * average[n] + 0.25 * w for n, w in weights.items()}
-    kept = t.ema.state_dict()
-    assert all(torch.allclose(kept[n].double(), a, atol=1e-6) for n, a in average.items())
-    assert not all(torch.equal(kept[n], v) for n, v in model.state_dict().items())
-    counters = [n for n in kept if n.endswith("num_batches_tracked")]
-    assert counters and all(kept[n] == model.state_dict()[n] == 4 for n in counters)
-
-
-def test_fit_with_ema_scores_and_ends_with_the_average(random_data, cpu, tmp_path):
-    """Every epoch scores the average; a checkpoint loads as it; the run ends holding it."""
-    train, test = tiny_loaders(*random_data)
-    recipe, path = _tiny(epochs=2, ema=0.9, mixup=0.2), tmp_path / "m.pt"
-
-    def stop_after_epoch_1(history):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        helpers.fit(helpers.Net(TINY), recipe, train, test, path, progress=False,
-                    log=stop_after_epoch_1)
-    saved = torch.load(path, weights_only=True)
-    averaged, state = helpers.load_model(path)
-    assert all(torch.equal(saved["ema"][n], v) for n, v in averaged.state_dict().items())
-    assert not all(torch.equal(saved["model"][n], v) for n, v in averaged.state_dict().items())
-    assert saved["history"][0]["eval_loss"] == helpers.evaluate(averaged, test)[0]
-    model = helpers.Net(TINY)
-    history = helpers.fit(model, recipe, train, test, path, resume=True, progress=False,
-                          log=lambda h: None)
-    saved = torch.load(path, weights_only=True)
-    assert all(torch.equal(saved["ema"][n], v) for n, v in model.state_dict().items())
-    assert history[-1]["eval_loss"] == helpers.evaluate(model, test)[0]
-
-
-def test_fit_draws_mixup_from_the_seed_and_step(random_data, cpu, monkeypatch):
-    seen, draw = [], helpers.mixup_draw
-    monkeypatch.setattr(helpers, "mixup_draw", lambda t, n: seen.append((t.seed, t.step))
-                        or draw(t, n))
-    train, test = tiny_loaders(*random_data, seed=5)
-    helpers.fit(helpers.Net(TINY), _tiny(epochs=2, mixup=0.2), train, test, progress=False,
-                log=lambda h: None)
-    assert seen == [(5, step) for step in range(2 * len(train))]
 
 
 def test_train_one_epoch_returns_mean_loss_accuracy_and_images(cpu):
@@ -390,8 +298,7 @@ def test_fit_checkpoint_is_a_plain_dict_that_resumes(random_data, cpu, tmp_path)
                           log=lambda rows: None)
     state = torch.load(path, weights_only=True)  # tensors and plain values only
     assert state["epoch"] == 1 and state["history"] == history
-    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "history",
-                          "run"} and state["ema"] is None  # no average without recipe.ema
+    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "epoch", "history", "run"}
     assert state["run"]["seed"] == 0 and state["run"]["train_images"] == 64
     assert list(path.parent.glob("*.tmp")) == []
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any other file
