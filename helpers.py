@@ -1557,8 +1557,6 @@ class _RunFolder:
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
         shutil.rmtree(self.out / ".discarded", ignore_errors=True)  # its deletion was stopped
-        for name in _RUN_FILES:  # temp files of writers killed before they renamed them
-            _remove_temps(self.out / name)
         if self.aside.is_symlink() or self.aside.exists() and not self.aside.is_dir():
             raise UsageError(f"{self.aside} is not a folder that --overwrite made: move it away")
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
@@ -1593,6 +1591,7 @@ class _RunFolder:
                 os.replace(self.aside / name, self.out / name)
             elif name not in old:  # a file of the new run
                 (self.out / name).unlink(missing_ok=True)
+            _remove_temps(self.out / name)  # of a writer killed in the new run
         shutil.rmtree(self.aside)
         print(f"restored the run in {self.out} that --overwrite had set aside")
 
@@ -1637,6 +1636,8 @@ class _RunFolder:
             if not agree:
                 raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
                                  "--overwrite to start again")
+            for name in _RUN_FILES:  # nothing more is written: a killed writer's temp files go
+                _remove_temps(self.out / name)
             self.write_log(state["history"])  # rebuilt if deleted or edited
             if not (self.out / "weights.pt").exists():
                 save_checkpoint(self.out / "weights.pt", dict(
