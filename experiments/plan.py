@@ -38,7 +38,7 @@ RUNS = {
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
     "deeper-c2": ([], ["--dilated-downs", "1", "--widths", "32", "48", "96", "128", "--depths",
                        "1", "2", "1", "1"]),
-    # deeper, narrower nets (ResNet-20's 32x32 and 16x16 stages), each with Run 1's settings
+    # deeper, narrower nets with Run 1's settings (deep-3322: ResNet-20's stages at 32x32, 16x16)
     "deep-3322": ([], ["--widths", "16", "32", "64", "128", "--depths", "3", "3", "2", "2",
                        "--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
     "deep-2222": ([], ["--widths", "24", "40", "80", "112", "--depths", "2", "2", "2", "2",
