@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run 1's settings (EXPERIMENTS.md): C4's downsampler dilated, affine and cutout at p = 0.5
+RUN1 = ["--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]
 # name: (options of experiments/v3.py, options of helpers.py train); each on the standard net
 RUNS = {
     "base": ([], []),
@@ -29,20 +31,16 @@ RUNS = {
     "ema": (["--ema", "0.999"], []),
     "adamw-ema-mixup": (["--adamw", "0.004", "--ema", "0.999", "--mixup", "0.2"], []),
     # the CPU's first long candidate, alone and with mixup and EMA
-    "extra-credit-aug50": ([], ["--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
-    "extra-credit-aug50-mixup-ema": (["--mixup", "0.2", "--ema", "0.999"],
-                                     ["--dilated-downs", "1", "--p-affine", "0.5",
-                                      "--p-dropout", "0.5"]),
+    "extra-credit-aug50": ([], RUN1),
+    "extra-credit-aug50-mixup-ema": (["--mixup", "0.2", "--ema", "0.999"], RUN1),
     # the CPU's second: C3's downsampler dilated too (16x16 -> 12x12 -> 8x8)
     "dilated-c3-aug50": ([], ["--dilated-downs", "2", "--p-affine", "0.5", "--p-dropout", "0.5"]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
     "deeper-c2": ([], ["--dilated-downs", "1", "--widths", "32", "48", "96", "128", "--depths",
                        "1", "2", "1", "1"]),
     # deeper, narrower nets with Run 1's settings (deep-3322: ResNet-20's stages at 32x32, 16x16)
-    "deep-3322": ([], ["--widths", "16", "32", "64", "128", "--depths", "3", "3", "2", "2",
-                       "--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
-    "deep-2222": ([], ["--widths", "24", "40", "80", "112", "--depths", "2", "2", "2", "2",
-                       "--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]),
+    "deep-3322": ([], ["--widths", "16", "32", "64", "128", "--depths", "3", "3", "2", "2", *RUN1]),
+    "deep-2222": ([], ["--widths", "24", "40", "80", "112", "--depths", "2", "2", "2", "2", *RUN1]),
 }
 
 
