@@ -1733,6 +1733,11 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     if args.val_fraction and args.test_subset is not None:
         raise UsageError("argument --test-subset: not allowed with --val-fraction (the test "
                          "set is not used when tuning)")
+    layout, out = _find_layout(Path(args.data_dir)), Path(os.path.realpath(args.out))
+    if layout and layout[0] is _load_image_folder and any(  # realpath: no error on a loop
+            out.is_relative_to(os.path.realpath(layout[1] / s)) for s in ("train", "test")):
+        raise UsageError(f"argument --out: {args.out} is inside {args.data_dir}'s train/ or "
+                         "test/ folder, whose files are read as images: choose another folder")
     with _RunFolder(Path(args.out)) as folder:
         try:
             prev = folder.previous(args.resume, args.overwrite)

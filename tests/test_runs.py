@@ -362,6 +362,19 @@ def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir,
     assert snapshot(finished_run) == before and (other / "config.json").read_text() == "{}"
 
 
+def test_out_inside_the_images_read_as_data_is_refused_first(jpeg_root, tmp_path, capsys):
+    for out in (jpeg_root / "train" / "cat" / "run", jpeg_root / "test"):
+        code, _, err = cli(capsys, *train_args(jpeg_root, out, "--epochs", "1"))
+        assert code == 2 and f"argument --out: {out} is inside" in one_line(err)
+    assert not (jpeg_root / "train" / "cat" / "run").exists()
+    code, _, err = cli(capsys, *train_args(jpeg_root, jpeg_root / "runs" / "r", "--epochs", "1"))
+    assert code == 0, err  # beside train/ and test/ is fine
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code, _, err = cli(capsys, *train_args(jpeg_root, tmp_path / "a" / "run"))
+    assert code == 2 and "symbolic links" in one_line(err)
+
+
 def test_a_loop_of_links_as_the_run_folder_is_one_line(data_dir, tmp_path, capsys):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
