@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run 1's settings (EXPERIMENTS.md): C4's downsampler dilated, affine and cutout at p = 0.5
-RUN1 = ["--dilated-downs", "1", "--p-affine", "0.5", "--p-dropout", "0.5"]
+# affine and cutout at p = 0.5; Run 1's settings (EXPERIMENTS.md): that, C4's downsampler dilated
+AUG50 = ["--p-affine", "0.5", "--p-dropout", "0.5"]
+RUN1 = ["--dilated-downs", "1", *AUG50]
 # name: (options of experiments/v3.py, options of helpers.py train); each on the standard net
 RUNS = {
     "base": ([], []),
@@ -34,7 +35,7 @@ RUNS = {
     "extra-credit-aug50": ([], RUN1),
     "extra-credit-aug50-mixup-ema": (["--mixup", "0.2", "--ema", "0.999"], RUN1),
     # the CPU's second: C3's downsampler dilated too (16x16 -> 12x12 -> 8x8)
-    "dilated-c3-aug50": ([], ["--dilated-downs", "2", "--p-affine", "0.5", "--p-dropout", "0.5"]),
+    "dilated-c3-aug50": ([], ["--dilated-downs", "2", *AUG50]),
     # two narrower blocks at 16x16 in place of one (192,794 parameters, 46.9 M multiply-adds)
     "deeper-c2": ([], ["--dilated-downs", "1", "--widths", "32", "48", "96", "128", "--depths",
                        "1", "2", "1", "1"]),
