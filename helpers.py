@@ -660,7 +660,7 @@ def _layer_label(model: nn.Module, name: str) -> str:
             elif _pair(first.stride) > 1 or _pair(first.padding) < _pair(first.dilation):
                 words.append("downsample")  # strided, or dilated without enough padding
             else:
-                words.append("stem" if parts[0] == "c1" and key == "0"
+                words.append("stem" if parts[0] == "c1" and key == "0" and not prev
                              else "separable" if sep else "conv")
         elif isinstance(child, nn.Conv2d) and isinstance(parent, DepthwiseSeparable):
             words.append("depthwise" if child.groups > 1 else "pointwise")

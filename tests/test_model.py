@@ -378,6 +378,16 @@ def test_rf_table_columns_and_readable_names():
     assert (table["jump_out"] == table["jump_in"] * table["stride"]).all()
 
 
+def test_rf_table_without_the_skips_names_one_stem():
+    model = helpers.Net(SMALL, depths=(1, 1, 1, 1))
+    for block in (model.c1, model.c2, model.c3, model.c4):  # the notebook's exercise 5
+        for i in range(1, len(block)):
+            block[i] = block[i].body
+    rows = dict(zip(*[helpers.receptive_field_table(model)[c] for c in ("module", "layer")]))
+    assert list(rows.values()).count("stem") == 1 and rows["c1.0.0"] == "stem"
+    assert rows["c1.1.0.0"] == rows["c1.1.1.0"] == "conv"
+
+
 def test_rf_table_of_other_models_keeps_module_paths():
     model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1))
     table = helpers.receptive_field_table(model)
