@@ -190,8 +190,12 @@ def _read_pickle(path: Path, read: Callable[[dict], Any]) -> Any:
                          ) from None
 
 def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+    x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+    if x.dtype.kind not in "iu" or (x.size and not 0 <= x.min() <= x.max() <= 255):
+        raise ValueError(f"its pixel values are not integers in 0..255 ({x.dtype})")
+    if y.dtype.kind not in "iu" or (y.size and not 0 <= y.min() <= y.max() < 2 ** 31):
+        raise ValueError(f"its labels are not integers >= 0 ({y.dtype})")
+    x, y = x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64).reshape(-1)
     if len(x) != len(y):
         raise ValueError(f"it holds {len(x)} images but {len(y)} labels")
     return x, y
@@ -475,8 +479,8 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int,
                  device: torch.device | str, seed: int, num_workers: int | None = None
                  ) -> tuple[DataLoader, TensorBatches]:
     """Training loader (shuffled by ``seed`` and the epoch alone, drops a last partial batch)
-    and the test set as a tensor. Workers: up to 8 on CUDA, none on a CPU (its training
-    threads already use every core)."""
+    and the test set as a tensor. Workers: up to 8 on CUDA, none on a CPU or an Apple GPU
+    (a CPU's training threads already use every core)."""
     device = torch.device(device)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -1084,7 +1088,8 @@ def predict(model: nn.Module, batches: Iterable) -> tuple[np.ndarray, np.ndarray
 
 def hardest_mistakes(labels: np.ndarray, preds: np.ndarray, losses: np.ndarray, n: int
                      ) -> np.ndarray:
-    """Indices of the ``n`` wrong predictions made with the most confidence (highest loss)."""
+    """Indices of the ``n`` wrong predictions with the highest loss (the least probability
+    given to the true class)."""
     wrong = np.flatnonzero(np.asarray(labels) != np.asarray(preds))
     return wrong[np.argsort(-np.asarray(losses)[wrong], kind="stable")][:n]
 
@@ -1216,7 +1221,7 @@ def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels
     return _image_grid(panels, cols, size=2.0)
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
-    """The confusion matrix with each row as % of its true class (counts sum to 100 a row)."""
+    """The confusion matrix with each row as % of its true class (each row sums to 100)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     share = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -1312,7 +1317,8 @@ def bench(data: CifarData, recipe: Recipe | str = "standard", device: torch.devi
     t = start_training(model, replace(recipe, epochs=10 ** 6), len(loader))  # never runs out
     g, n = torch.Generator().manual_seed(0), recipe.batch_size
     fake = _cycle([(torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
-                    .to(device), torch.randint(0, 10, (n,), generator=g).to(device))] * 4)
+                    .to(device), torch.randint(0, len(data.classes), (n,), generator=g)
+                    .to(device))] * 4)
     train = lambda batches: train_one_epoch(t, batches, progress=False)  # noqa: E731
     real, warm = _cycle(loader), 2 + loader.num_workers * (loader.prefetch_factor or 0)
     timed = dict(loader=_timed(lambda b: sum(1 for _ in b), real, seconds, warm))
@@ -1386,7 +1392,7 @@ def _common_options(p: argparse.ArgumentParser, recipe: bool) -> None:
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
     _option(p, "--threads", int, "an integer in [1, 1024]", "torch CPU threads; default: all "
-            "cores, or the run's own count with --resume", lambda v: 1 <= v <= 1024, metavar="N")
+            "cores (train --resume: the run's own count)", lambda v: 1 <= v <= 1024, metavar="N")
     if recipe:
         p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
                        help="the recipe that the options below override (default standard)")
@@ -1401,17 +1407,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one recipe, logging every epoch to --out",
                        description="Train one recipe, logging and checkpointing every epoch "
-                       "to --out. Every option is checked before any data is read.")
+                       "to --out. Every option is checked before any data is read, but for those "
+                       "that depend on the data (subset sizes, the validation split).")
     e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)")
     b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation")
     for cmd in (t, e, b):
         _common_options(cmd, recipe=cmd is not e)
     for cmd in (t, b):
         _option(cmd, "--workers", int, "an integer in [0, 64]", "data-loader processes; default: "
-                "0 on a CPU, up to 8 on a GPU (with --resume: the run's)", lambda v: 0 <= v <= 64,
+                "0 on a CPU or Apple GPU, up to 8 on CUDA" + (" (with --resume: the run's)"
+                if cmd is t else ""), lambda v: 0 <= v <= 64,
                 metavar="N")
     _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
-            "weights, data order, augmentation, subsets; default 0", lambda v: 0 <= v < 2 ** 32,
+            "weights, data order, augmentation, subsets (not the validation split, which is "
+            "fixed); default 0", lambda v: 0 <= v < 2 ** 32,
             default=0, metavar="N")
     for split in ("train", "test"):
         _option(t, f"--{split}-subset", int, "an integer >= 1", f"use N random {split} images "

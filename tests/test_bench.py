@@ -107,6 +107,12 @@ def test_bench_times_model_and_end_to_end_in_turns(arrays, cpu, monkeypatch):
         assert steps.count(name) * 8 > r["timed_images"][name]
 
 
+def test_bench_runs_on_data_with_fewer_than_ten_classes(arrays, cpu):
+    x_train, y_train, x_test, y_test = arrays
+    data = helpers.CifarData(x_train, y_train % 3, x_test, y_test % 3, CLASSES[:3], "three")
+    check_consistent(helpers.bench(data, tiny_recipe(), seconds=SECONDS), len(x_test))
+
+
 def test_bench_refuses_unknown_recipe(data, cpu):
     with pytest.raises(ValueError, match="no recipe 'no-such-recipe': choose one of standard"):
         helpers.bench(data, "no-such-recipe", cpu, workers=0, seconds=SECONDS)

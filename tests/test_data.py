@@ -159,7 +159,9 @@ def test_an_image_claiming_a_huge_size_names_the_file(png_root):
 
 def test_batch_values_out_of_range_name_the_file(batches_root):
     path = batches_root / "cifar-10-batches-py" / "data_batch_2"
-    for data, labels in (([300] * 3072, [0]), ([0] * 3072, [2 ** 70])):
+    for data, labels in (([300] * 3072, [0]), ([0] * 3072, [2 ** 70]),  # lists, and arrays,
+                         (np.full((1, 3072), 300), [0]), (np.full((1, 3072), 0.7), [0]),
+                         (np.full((1, 3072), -1), [0]), ([0] * 3072, np.array([1.5]))):
         with open(path, "wb") as f:
             pickle.dump({b"data": data, b"labels": labels}, f)
         with pytest.raises(ValueError, match="data_batch_2"):
