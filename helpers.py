@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
@@ -998,6 +999,13 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path} is {'empty' if path.is_file() else 'not a file'}")
     except OSError as e:  # a name too long, a loop of links
         raise CheckpointError(f"{path}: {e.strerror}") from None
+    try:  # torch.load does not check the zip file's checksums
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception:  # not a zip file, or one too damaged to list: torch.load says which
+        bad = None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: {bad} fails its checksum")
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning: not our news
             warnings.simplefilter("ignore")
@@ -1016,6 +1024,16 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
                               ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
+    try:  # the epoch, the history's rows and the run's settings are plain values
+        json.dumps([state.get(k) for k in ("epoch", "history", "run")])
+        plain = type(state.get("epoch", 0)) is int and all(
+            type(row) is dict and all(type(v) in (int, float) for v in row.values())
+            for row in state.get("history", []))
+    except (TypeError, ValueError, RecursionError):  # a tensor or an object among them
+        plain = False
+    if not plain:
+        raise CheckpointError(f"{path} is damaged: its epoch, history or run settings are not "
+                              "plain values")
     if "run" in state:
         state["run"] = _with_defaults(state["run"])
     return state
@@ -1391,8 +1409,10 @@ def _common_options(p: argparse.ArgumentParser, recipe: bool) -> None:
                    help="folder with CIFAR-10: official batches, or train/<class>/*.jpg|png")
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
-    _option(p, "--threads", int, "an integer in [1, 1024]", "torch CPU threads; default: all "
-            "cores (train --resume: the run's own count)", lambda v: 1 <= v <= 1024, metavar="N")
+    least, most = _COUNTS["threads"]
+    _option(p, "--threads", int, f"an integer in [{least}, {most}]", "torch CPU threads; default: "
+            "all cores (train --resume: the run's own count)", lambda v: least <= v <= most,
+            metavar="N")
     if recipe:
         p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
                        help="the recipe that the options below override (default standard)")
@@ -1414,10 +1434,11 @@ def _build_parser() -> argparse.ArgumentParser:
     for cmd in (t, e, b):
         _common_options(cmd, recipe=cmd is not e)
     for cmd in (t, b):
-        _option(cmd, "--workers", int, "an integer in [0, 64]", "data-loader processes; default: "
-                "0 on a CPU or Apple GPU, up to 8 on CUDA" + (" (with --resume: the run's)"
-                if cmd is t else ""), lambda v: 0 <= v <= 64,
-                metavar="N")
+        least, most = _COUNTS["workers"]
+        _option(cmd, "--workers", int, f"an integer in [{least}, {most}]", "data-loader processes; "
+                "default: 0 on a CPU or Apple GPU, up to 8 on CUDA" + (
+                    " (with --resume: the run's)" if cmd is t else ""),
+                lambda v: least <= v <= most, metavar="N")
     _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
             "weights, data order, augmentation, subsets (not the validation split, which is "
             "fixed); default 0", lambda v: 0 <= v < 2 ** 32,
@@ -1509,7 +1530,7 @@ _SAME = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "worke
          "classes", "train_images", "eval_split", "eval_images", "mean", "std")
 _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, not a refusal
 
-_COUNTS = {"threads": 1, "workers": 0}  # run settings that are counts, and their least value
+_COUNTS = {"threads": (1, 1024), "workers": (0, 64)}  # run settings that are counts: their range
 
 def _read_json(path: Path, keys: Sequence[str]) -> dict:
     """A run file's dict holding ``keys``; anything else is refused, naming the file."""
@@ -1520,8 +1541,8 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
         raise UsageError(f"{path} {why}, so the run cannot be checked: pass --overwrite to "
                          "start again") from None
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
-    counts = [k for k, least in _COUNTS.items() if k in keys and k not in missing
-              and not (type(value[k]) is int and value[k] >= least)]
+    counts = [k for k, (least, most) in _COUNTS.items() if k in keys and k not in missing
+              and not (type(value[k]) is int and least <= value[k] <= most)]
     if missing or counts:
         what = f"it lacks {', '.join(missing)}" if missing else f"bad {', '.join(counts)}"
         raise UsageError(f"{path} is damaged: {what}; pass --overwrite to start again")
@@ -1530,10 +1551,12 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
 class _RunFolder:
     """``--out`` for one command, locked against any other writer until it ends. ``--overwrite``
     moves the old run into ``.replaced`` and deletes it once the new run has a checkpoint; a
-    command that ends sooner puts it back (as does the next one on the folder, after a kill)."""
+    command that ends sooner puts it back (as does the next one on the folder, after a kill).
+    ``.overwriting`` marks ``.replaced`` and ``.discarded`` as made by --overwrite."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.aside, self.epoch = out, out / ".replaced", 0
+        self.mark, self.discarded = out / ".overwriting", out / ".discarded"
 
     def __enter__(self) -> _RunFolder:
         try:
@@ -1565,19 +1588,24 @@ class _RunFolder:
             pass
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
-        shutil.rmtree(self.out / ".discarded", ignore_errors=True)  # its deletion was stopped
-        if self.aside.is_symlink() or self.aside.exists() and not self.aside.is_dir():
-            raise UsageError(f"{self.aside} is not a folder that --overwrite made: move it away")
+        ours = self.mark.is_file() and not self.mark.is_symlink()  # an --overwrite was stopped
+        for path, kind in ((self.mark, "file"), (self.aside, "folder"), (self.discarded, "folder")):
+            if path.is_symlink() or path.exists() and not (
+                    ours and path.is_dir() == (kind == "folder")):
+                raise UsageError(f"{path} is not a {kind} that --overwrite made: move it away")
+        shutil.rmtree(self.discarded, ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
                 and not (self.aside / ".restoring").exists()
             self.discard() if done else self._restore()
+        self.mark.unlink(missing_ok=True)
         return self
 
     def discard(self) -> None:
         """Delete the old run set aside: renamed first, so that no stop can bring back part."""
-        os.replace(self.aside, self.out / ".discarded")
-        shutil.rmtree(self.out / ".discarded")
+        os.replace(self.aside, self.discarded)
+        shutil.rmtree(self.discarded)
+        self.mark.unlink(missing_ok=True)
 
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.aside.exists():
@@ -1602,6 +1630,7 @@ class _RunFolder:
                 (self.out / name).unlink(missing_ok=True)
             _remove_temps(self.out / name)  # of a writer killed in the new run
         shutil.rmtree(self.aside)
+        self.mark.unlink(missing_ok=True)
         print(f"restored the run in {self.out} that --overwrite had set aside")
 
     def files(self) -> list[str]:
@@ -1686,7 +1715,9 @@ class _RunFolder:
         at the end weights.pt and summary.json (whose presence marks the run finished)."""
         try:  # --overwrite: the old run is set aside, to come back if the new one fails
             for name in self.files() if args.overwrite else ():
-                self.aside.mkdir(exist_ok=True)
+                if not self.aside.exists():
+                    self.mark.touch()  # first, so that every folder it names is known as ours
+                    self.aside.mkdir()
                 os.replace(self.out / name, self.aside / name)
             if self.aside.exists():  # the names set aside, once all are
                 (self.aside / ".complete").write_text(" ".join(os.listdir(self.aside)))
@@ -1777,9 +1808,6 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                       "--resume" if folder.epoch else f": no epoch of {folder.out} finished")
             raise
 
-def _interrupt(signum: int, frame: Any) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:
     """Print ``message`` as one line on stderr, control characters escaped; return ``status``."""
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(message.split()))
@@ -1790,15 +1818,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
     diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
     interrupted by SIGINT or SIGTERM (continue with --resume); errors are one line on stderr."""
-    args, previous = _build_parser().parse_args(argv), None
+    args, running, previous = _build_parser().parse_args(argv), [True], {}
     if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
         sys.stdout.reconfigure(errors="backslashreplace")
+
+    def interrupt(signum: int, frame: Any) -> None:  # while the command runs, not as it ends
+        if running:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
     try:
         try:  # from here a signal is caught below, with the clean-up of Ctrl-C
-            previous = signal.signal(signal.SIGTERM, _interrupt)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, interrupt)
         except ValueError:  # not the main thread: leave signals alone
             pass
+        return _command(args)
+    except KeyboardInterrupt as e:  # a signal while the command's end was printed
+        return 143 if str(e) == "SIGTERM" else 130
+    finally:
+        running.clear()  # a signal from here on ends nothing: the command has ended
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the command; a failure is one line on stderr, and its exit status is returned."""
+    try:
         {"train": run_training, "evaluate": run_evaluate, "bench": run_bench}[args.command](args)
         return 0
     except (UsageError, CheckpointError) as e:
@@ -1814,9 +1858,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = str(e) or "SIGINT"
         return _fail(args, f"interrupted by {name}{getattr(e, 'kept', '')}",
                      143 if name == "SIGTERM" else 130)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -362,6 +363,27 @@ def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir,
     assert snapshot(finished_run) == before and (other / "config.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("name", [".replaced", ".discarded", ".overwriting"])
+def test_a_users_folder_named_as_overwrites_own_is_left_alone(name, finished_run, data_dir,
+                                                              tmp_path, capsys):
+    """A folder of the name --overwrite uses, that it did not make, in a run folder or in a
+    new one: refused, and nothing in it or beside it is moved or deleted."""
+    (finished_run.parent / "mine").mkdir()
+    for out in (finished_run, finished_run.parent / "mine"):
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("mine")
+        before = snapshot(out)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, _, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1", *extra))
+            assert code == 2 and "that --overwrite made: move it away" in one_line(err)
+            assert snapshot(out) == before
+    inner = tmp_path / "new" / ".replaced"  # a run made inside a folder with no run yet
+    assert cli(capsys, *train_args(data_dir, inner, "--epochs", "1"))[0] == 0
+    before = snapshot(inner.parent)
+    code, _, err = cli(capsys, *train_args(data_dir, inner.parent, "--epochs", "1"))
+    assert code == 2 and snapshot(inner.parent) == before
+
+
 def test_out_inside_the_images_read_as_data_is_refused_first(jpeg_root, tmp_path, capsys):
     for out in (jpeg_root / "train" / "cat" / "run", jpeg_root / "test"):
         code, _, err = cli(capsys, *train_args(jpeg_root, out, "--epochs", "1"))
@@ -454,6 +476,7 @@ def test_an_old_run_put_back_after_a_kill_keeps_no_file_of_the_new_one(finished_
     back exactly, without the new run's files."""
     before, aside = snapshot(finished_run), finished_run / ".replaced"
     names = [p.name for p in finished_run.iterdir() if p.name != ".lock"]
+    (finished_run / ".overwriting").touch()  # as --overwrite marks the folders it makes
     aside.mkdir()
     for name in names:
         os.replace(finished_run / name, aside / name)
@@ -513,10 +536,35 @@ def test_a_signal_while_the_command_starts_is_one_line(sig, status, data_dir, tm
         assert proc.returncode == status and "interrupted by" in one_line(err)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_a_command_ends_is_no_traceback(sig, finished_run, data_dir, capsys,
+                                                     monkeypatch):
+    """Ctrl-C or SIGTERM once the command is done, as its signal handlers are put back: it
+    ends nothing, and no exception escapes."""
+    real, calls = signal.signal, []
+
+    def put_back(s, handler):
+        calls.append(s)
+        if s == signal.SIGTERM and calls.count(s) == 2:  # main puts back the handler it found
+            signal.raise_signal(sig)  # whose Python handler runs here, as the command ends
+        return real(s, handler)
+
+    monkeypatch.setattr(signal, "signal", put_back)
+    try:
+        code, stdout, err = cli(capsys, "evaluate", "--weights", finished_run / "weights.pt",
+                                "--data-dir", data_dir)
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped main")
+    assert calls.count(signal.SIGTERM) == 2 and code == 0 and "test accuracy" in stdout
+    assert err == ""
+
+
 @pytest.mark.parametrize("edit", ["history not a list", "run not a dict", "a row missing",
-                                  "a row twice", "momentum of another shape"])
+                                  "a row twice", "momentum of another shape", "epoch infinite",
+                                  "epoch a tensor", "seed a tensor", "a row's loss a tensor"])
 def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir, capsys):
-    """Loadable but inconsistent: refused, naming model.pt, before any training."""
+    """Loadable but inconsistent: refused, naming model.pt, before any training (and without
+    --resume, the refusal names the partial run)."""
     path = partial_run / "model.pt"
     state = torch.load(path, weights_only=True)
     if edit == "history not a list":
@@ -527,21 +575,62 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
         state["history"] = state["history"][:-1]
     elif edit == "a row twice":
         state["history"] = state["history"] * 2
-    else:
+    elif edit == "momentum of another shape":
         state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif edit.startswith("epoch"):
+        state["epoch"] = float("inf") if edit == "epoch infinite" else torch.tensor([1, 2])
+    elif edit == "seed a tensor":
+        state["run"]["seed"] = torch.tensor(0)
+    else:
+        state["history"][0]["train_loss"] = torch.tensor([0.5, 0.5])
     torch.save(state, path)
+    before = snapshot(partial_run)
     code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
     assert code == 2 and "model.pt" in one_line(err)
+    code, _, err = cli(capsys, *train_args(data_dir, partial_run))
+    assert code == 2 and "already holds a partial run" in one_line(err)
+    assert snapshot(partial_run) == before
 
 
-def test_a_finished_run_with_another_runs_checkpoint_is_refused(finished_run, data_dir,
-                                                                  capsys):
+def _flip_a_byte_of_a_tensor(path: Path) -> None:
+    """One bit of a tensor's bytes inverted in torch's zip file, which torch.load still reads."""
+    with zipfile.ZipFile(path) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's bytes
+    data = bytearray(path.read_bytes())
+    at = member.header_offset  # the local header: 30 bytes, the name, the extra field
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(
+        data[at + 28:at + 30], "little")
+    data[start + member.file_size // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused(finished_run, data_dir, capsys):
+    _flip_a_byte_of_a_tensor(finished_run / "weights.pt")
+    torch.load(finished_run / "weights.pt", weights_only=True)  # torch reads it without a word
+    code, _, err = cli(capsys, "evaluate", "--weights", finished_run / "weights.pt",
+                       "--data-dir", data_dir)
+    assert code == 2 and "weights.pt is damaged" in one_line(err) and "checksum" in err
+    _flip_a_byte_of_a_tensor(finished_run / "model.pt")
+    (finished_run / "summary.json").unlink()  # a partial run, now resumed
+    before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "model.pt is damaged" in one_line(err) and "checksum" in err
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("edit, says", [("seed 1", "does not agree with model.pt"),
+                                        ("accuracy a tensor", "model.pt is damaged")])
+def test_a_finished_run_with_another_runs_checkpoint_is_refused(edit, says, finished_run,
+                                                                  data_dir, capsys):
     path = finished_run / "model.pt"
     state = torch.load(path, weights_only=True)
-    state["run"]["seed"] = 1  # the same epoch and accuracy, but not this run's
+    if edit == "seed 1":
+        state["run"]["seed"] = 1  # the same epoch and accuracy, but not this run's
+    else:
+        state["history"][-1]["eval_acc"] = torch.tensor([0.5, 0.5])
     torch.save(state, path)
     code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
-    assert code == 2 and "does not agree with model.pt" in one_line(err)
+    assert code == 2 and says in one_line(err)
 
 
 @pytest.mark.parametrize("name, text, says", [
@@ -584,6 +673,8 @@ def test_run_settings_of_the_wrong_kind_are_refused_in_one_line(partial_run, dat
     for text, says in ((json.dumps(dict(json.loads(config), threads="abc")), ": bad threads"),
                        (json.dumps(dict(json.loads(config), threads=-3)), ": bad threads"),
                        (json.dumps(dict(json.loads(config), workers=-1)), ": bad workers"),
+                       (json.dumps(dict(json.loads(config), threads=2 ** 40)), ": bad threads"),
+                       (json.dumps(dict(json.loads(config), workers=65)), ": bad workers"),
                        ("[" * 100_000 + "]" * 100_000, " (maximum recursion")):
         (partial_run / "config.json").write_text(text)
         before = snapshot(partial_run)
