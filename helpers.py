@@ -1000,8 +1000,8 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     except OSError as e:  # a name too long, a loop of links
         raise CheckpointError(f"{path}: {e.strerror}") from None
     try:  # torch.load does not check the zip file's checksums
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+        with zipfile.ZipFile(path) as z:  # (all CRCs 0: saved without them)
+            bad = z.testzip() if any(i.CRC for i in z.infolist()) else None
     except Exception:  # not a zip file, or one too damaged to list: torch.load says which
         bad = None
     if bad is not None:
@@ -1588,18 +1588,31 @@ class _RunFolder:
             pass
         self.lock.truncate(0)
         print(os.getpid(), file=self.lock, flush=True)
-        ours = self.mark.is_file() and not self.mark.is_symlink()  # an --overwrite was stopped
-        for path, kind in ((self.mark, "file"), (self.aside, "folder"), (self.discarded, "folder")):
-            if path.is_symlink() or path.exists() and not (
-                    ours and path.is_dir() == (kind == "folder")):
-                raise UsageError(f"{path} is not a {kind} that --overwrite made: move it away")
+        self._refuse_what_overwrite_did_not_make()
         shutil.rmtree(self.discarded, ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
                 and not (self.aside / ".restoring").exists()
             self.discard() if done else self._restore()
-        self.mark.unlink(missing_ok=True)
+        if not self.discarded.exists():
+            self.mark.unlink(missing_ok=True)
         return self
+
+    def _refuse_what_overwrite_did_not_make(self) -> None:
+        """Refuse a .replaced or .discarded that is not marked as made by --overwrite or holds
+        other files than those it moves there: it is not this program's to move or delete."""
+        ours = self.mark.is_file() and not self.mark.is_symlink()  # an --overwrite was stopped
+        mine = {*_RUN_FILES, ".complete", ".restoring"}
+        for path, kind in ((self.mark, "file"), (self.aside, "folder"), (self.discarded, "folder")):
+            if not (path.exists() or path.is_symlink()):
+                continue
+            names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+            fits = ours and not path.is_symlink() and (
+                path.is_file() if kind == "file" else path.is_dir() and names <= mine)
+            if not fits:
+                old = f" (files that an older helpers.py set aside there go back into {self.out})"
+                raise UsageError(f"{path} is not a {kind} that --overwrite made: move it away"
+                                 + (old if path == self.aside else ""))
 
     def discard(self) -> None:
         """Delete the old run set aside: renamed first, so that no stop can bring back part."""
@@ -1827,22 +1840,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
-        try:  # from here a signal is caught below, with the clean-up of Ctrl-C
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, interrupt)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return _command(args)
+        return _command(args, interrupt, previous)
     except KeyboardInterrupt as e:  # a signal while the command's end was printed
         return 143 if str(e) == "SIGTERM" else 130
     finally:
         running.clear()  # a signal from here on ends nothing: the command has ended
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: set outside Python, and not ours to put back
+                signal.signal(sig, handler)
 
-def _command(args: argparse.Namespace) -> int:
-    """Run the command; a failure is one line on stderr, and its exit status is returned."""
+def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int:
+    """Run the command with ``handler`` for SIGTERM and SIGINT (the old ones into
+    ``previous``); a failure is one line on stderr; return the exit status."""
     try:
+        try:  # from here a signal is caught below, with the clean-up of Ctrl-C
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
         {"train": run_training, "evaluate": run_evaluate, "bench": run_bench}[args.command](args)
         return 0
     except (UsageError, CheckpointError) as e:

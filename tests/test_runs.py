@@ -363,15 +363,20 @@ def test_no_run_is_made_where_overwrite_keeps_an_old_run(finished_run, data_dir,
     assert snapshot(finished_run) == before and (other / "config.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("name", [".replaced", ".discarded", ".overwriting"])
-def test_a_users_folder_named_as_overwrites_own_is_left_alone(name, finished_run, data_dir,
-                                                              tmp_path, capsys):
-    """A folder of the name --overwrite uses, that it did not make, in a run folder or in a
-    new one: refused, and nothing in it or beside it is moved or deleted."""
+@pytest.mark.parametrize("name, marked", [(".replaced", False), (".discarded", False),
+                                          (".overwriting", False), (".replaced", True),
+                                          (".discarded", True)])
+def test_a_users_folder_named_as_overwrites_own_is_left_alone(name, marked, finished_run,
+                                                              data_dir, tmp_path, capsys):
+    """A folder of the name --overwrite uses, that it did not make (even beside the file with
+    which --overwrite marks its own), in a run folder or in a new one: refused, and nothing in
+    it or beside it is moved or deleted."""
     (finished_run.parent / "mine").mkdir()
     for out in (finished_run, finished_run.parent / "mine"):
         (out / name).mkdir()
         (out / name / "notes.txt").write_text("mine")
+        if marked:
+            (out / ".overwriting").touch()
         before = snapshot(out)
         for extra in ([], ["--resume"], ["--overwrite"]):
             code, _, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1", *extra))
@@ -382,6 +387,18 @@ def test_a_users_folder_named_as_overwrites_own_is_left_alone(name, finished_run
     before = snapshot(inner.parent)
     code, _, err = cli(capsys, *train_args(data_dir, inner.parent, "--epochs", "1"))
     assert code == 2 and snapshot(inner.parent) == before
+
+
+def test_a_run_set_aside_by_an_older_version_is_kept_and_named(finished_run, data_dir, capsys):
+    """An --overwrite of the code before the mark existed, killed: its .replaced is not
+    taken, and the refusal says where its files go back."""
+    (finished_run / ".replaced").mkdir()
+    for name in ("weights.pt", "summary.json"):
+        os.replace(finished_run / name, finished_run / ".replaced" / name)
+    before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and f"go back into {finished_run}" in one_line(err)
+    assert snapshot(finished_run) == before
 
 
 def test_out_inside_the_images_read_as_data_is_refused_first(jpeg_root, tmp_path, capsys):
@@ -610,6 +627,16 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused(finished_run, data_dir, caps
     code, _, err = cli(capsys, "evaluate", "--weights", finished_run / "weights.pt",
                        "--data-dir", data_dir)
     assert code == 2 and "weights.pt is damaged" in one_line(err) and "checksum" in err
+    if hasattr(torch.serialization, "set_crc32_options"):  # torch 2.6 and later
+        torch.serialization.set_crc32_options(False)  # a file saved without checksums is read
+        try:
+            torch.save(torch.load(finished_run / "model.pt", weights_only=True),
+                       finished_run / "no-crc.pt")
+        finally:
+            torch.serialization.set_crc32_options(True)
+        code, _, err = cli(capsys, "evaluate", "--weights", finished_run / "no-crc.pt",
+                           "--data-dir", data_dir)
+        assert code == 0, err
     _flip_a_byte_of_a_tensor(finished_run / "model.pt")
     (finished_run / "summary.json").unlink()  # a partial run, now resumed
     before = snapshot(finished_run)
