@@ -221,9 +221,12 @@ def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
+            mode, arr = im.mode, np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
+    if mode in ("I", "F") or mode.startswith("I;"):  # 16-bit or float: convert() clips at 255
+        raise ValueError(f"Image {path} has {mode} pixels: save it with 8 bits per channel")
     if arr.shape != (32, 32, 3):
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
     return arr
@@ -252,6 +255,10 @@ def _load_image_folder(root: Path) -> CifarData:
         if p.is_dir() or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             what = "a folder inside a class folder" if p.is_dir() else "not a PNG or JPEG file"
             raise ValueError(f"{p} is {what}, so it would not be read: move, convert or remove it")
+        if p.is_symlink() and p.resolve().parent in resolved and \
+                p.resolve().parent != p.parent.resolve():
+            raise ValueError(f"{p} is a link to {p.resolve()}, an image of another class folder "
+                             "or split: labels or splits would mix")
     arrays = []
     for split in ("train", "test"):
         images = [_read_image(p) for p, _ in files[split]]
@@ -1113,8 +1120,14 @@ def hardest_mistakes(labels: np.ndarray, preds: np.ndarray, losses: np.ndarray, 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts with true labels as rows and predictions as columns."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if not (labels.ndim == 1 and labels.shape == preds.shape and all(
+            np.issubdtype(a.dtype, np.integer) and ((0 <= a) & (a < num_classes)).all()
+            for a in (labels, preds))):
+        raise ValueError("expected labels and predictions as two vectors of one length, of "
+                         f"integers in 0..{num_classes - 1}")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    np.add.at(cm, (labels, preds), 1)
     return cm
 
 def confused_pairs(cm: np.ndarray, classes: Sequence[str], n: int = 5) -> Any:
@@ -1502,6 +1515,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     if model.out[-1].out_features != len(data.classes):
         raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
                          f"{data.source} holds {len(data.classes)} classes")
+    trained_on = state["run"].get("classes")
+    if trained_on is not None and list(trained_on) != list(data.classes):
+        raise UsageError(f"{args.weights} was trained on the classes {', '.join(trained_on)}, "
+                         f"but {data.source} holds {', '.join(data.classes)}: its labels would "
+                         "not match (name the class folders as in training)")
     batches = TensorBatches(data.x_test, data.y_test, device)
     result = dict(weights=str(args.weights), data=data.source, test_images=len(data.y_test),
                   test_acc=evaluate(model, batches)[1],
@@ -1816,7 +1834,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
             folder.refuse_changes(prev, meta)
             print(json.dumps(meta))
             return folder.train(args, model, recipe, loader, batches, meta)
-        except KeyboardInterrupt as e:
+        except (KeyboardInterrupt, BrokenPipeError) as e:
             e.kept = (f": {folder.out}/model.pt keeps epoch {folder.epoch}; continue with "
                       "--resume" if folder.epoch else f": no epoch of {folder.out} finished")
             raise
@@ -1830,7 +1848,8 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
     diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
-    interrupted by SIGINT or SIGTERM (continue with --resume); errors are one line on stderr."""
+    interrupted by SIGINT or SIGTERM, 141 its output closed (continue with --resume); errors
+    are one line on stderr."""
     args, running, previous = _build_parser().parse_args(argv), [True], {}
     if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -1873,6 +1892,12 @@ def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int
         name = str(e) or "SIGINT"
         return _fail(args, f"interrupted by {name}{getattr(e, 'kept', '')}",
                      143 if name == "SIGTERM" else 130)
+    except BrokenPipeError as e:  # the reader of the output ended (| head): stop as SIGPIPE would
+        try:  # what is left to print goes nowhere, and Python's flush at exit fails no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return _fail(args, f"stopped: its output was closed{getattr(e, 'kept', '')}", 141)
 
 if __name__ == "__main__":
     sys.exit(main())

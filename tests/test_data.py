@@ -157,6 +157,38 @@ def test_an_image_claiming_a_huge_size_names_the_file(png_root):
         helpers.load_cifar10(png_root)
 
 
+@pytest.mark.parametrize("kind", ["16-bit grey", "a text chunk too large to read"])
+def test_an_image_read_wrongly_or_not_at_all_names_the_file(png_root, kind):
+    """16-bit pixels came back clipped to 255 (nearly white), silently; a PNG whose text chunk
+    PIL will not inflate failed without naming the file."""
+    path = sorted((png_root / "train" / "cat").iterdir())[0]
+    grey = np.asarray(Image.open(path).convert("L"), np.uint16) * 257
+    if kind == "16-bit grey":
+        Image.fromarray(grey).save(path)
+        assert Image.open(path).mode.startswith("I")
+        says = "8 bits per channel"
+    else:
+        from PIL import PngImagePlugin
+        info = PngImagePlugin.PngInfo()
+        info.add_text("note", "x" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)
+        Image.open(path).save(path, pnginfo=info)
+        says = "Cannot read image"
+    assert says in one_line(_refused(png_root, [str(path)]))
+
+
+@pytest.mark.parametrize("folder", ["test/dog", "train/dog"])
+def test_an_image_linked_from_another_class_or_split_is_refused(png_root, tmp_path, folder):
+    """A test image linked into train/ trained on the test set; one of another class, twice."""
+    target, link = sorted((png_root / folder).iterdir())[0], png_root / "train/cat/linked.png"
+    link.symlink_to(target)
+    _refused(png_root, [str(link), "labels or splits would mix"])
+    link.unlink()  # a link within its own class folder, or to outside the data, reads as is
+    link.symlink_to(sorted((png_root / "train" / "cat").iterdir())[0])
+    shutil.copy(target, tmp_path / "outside.png")
+    (png_root / "train" / "cat" / "outside.png").symlink_to(tmp_path / "outside.png")
+    assert len(helpers.load_cifar10(png_root).x_train) == 3 * len(CLASSES) + 2  # both read
+
+
 def test_batch_values_out_of_range_name_the_file(batches_root):
     path = batches_root / "cifar-10-batches-py" / "data_batch_2"
     for data, labels in (([300] * 3072, [0]), ([0] * 3072, [2 ** 70]),  # lists, and arrays,

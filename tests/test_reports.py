@@ -115,6 +115,14 @@ def test_confusion_matrix_rows_are_true_labels():
     np.testing.assert_array_equal(cm, [[0, 2, 0], [0, 1, 0], [0, 0, 0]])
 
 
+@pytest.mark.parametrize("labels, preds", [([-1, 0], [0, 0]), ([0, 3], [0, 0]), ([0], [0, 1]),
+                                           ([0.0, 1.0], [0, 1]), ([[0, 1]], [[0, 1]])])
+def test_confusion_matrix_refuses_what_would_count_wrongly(labels, preds):
+    """A label -1 went to the last row, one label was broadcast over many predictions."""
+    with pytest.raises(ValueError, match="integers in 0..2"):
+        helpers.confusion_matrix(np.array(labels), np.array(preds), 3)
+
+
 def _pairs(cm, classes, n):
     cells = [(-cm[i, j], i, j) for i in range(len(cm)) for j in range(len(cm))
              if i != j and cm[i, j] > 0]

@@ -553,6 +553,20 @@ def test_a_signal_while_the_command_starts_is_one_line(sig, status, data_dir, tm
         assert proc.returncode == status and "interrupted by" in one_line(err)
 
 
+@pytest.mark.slow
+def test_a_closed_output_stops_the_run_in_one_line_and_it_resumes(data_dir, tmp_path):
+    """As in ``helpers.py train ... | head -1``: once its output cannot be written the run stops,
+    as a program killed by SIGPIPE would (141), but in one line; --resume finishes it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(helpers_cmd(*train_args(data_dir, out)), env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 141 and "stopped: its output was closed" in one_line(err)
+    res = _run(*train_args(data_dir, out, "--resume"))
+    assert res.returncode == 0 and len(rows(out)) == 3, res.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_as_a_command_ends_is_no_traceback(sig, finished_run, data_dir, capsys,
                                                      monkeypatch):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import helpers
-from conftest import TINY, cli, env, helpers_cmd, one_line, tiny_loaders
+from conftest import CLASSES, TINY, cli, env, helpers_cmd, one_line, tiny_loaders
 
 KEYS = {"epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "train_seconds",
         "seconds", "images_per_s"}
@@ -439,6 +439,13 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w11.pt", "--data-dir",
                        png_root)
     assert code == 2 and "11 outputs" in one_line(err) and "10 classes" in err
+    helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
+                         dict(recipe=asdict(recipe), classes=list(CLASSES)))
+    assert cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)[0] == 0
+    for split in ("train", "test"):  # the same number of classes, named otherwise
+        (png_root / split / "cat").rename(png_root / split / "kitten")
+    code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)
+    assert code == 2 and "trained on the classes" in one_line(err) and "kitten" in err
 
 
 def test_val_fraction_holds_out_training_images(tmp_path, png_root, capsys):
