@@ -347,6 +347,11 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, see
 def compute_mean_std(images: np.ndarray, chunk: int = 10_000
                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std on the 0..1 scale of uint8 images (N, H, W, C)."""
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+            and len(images) and images.shape[-1] <= 4):  # else the figures come out as nonsense
+        raise ValueError("expected a non-empty uint8 array of images (N, H, W, C), as "
+                         f"load_cifar10 gives, got {type(images).__name__} "
+                         f"{getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}")
     c = images.shape[-1]
     s, s2, n = np.zeros(c), np.zeros(c), 0
     for i in range(0, len(images), chunk):

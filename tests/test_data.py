@@ -284,6 +284,15 @@ def test_compute_mean_std_constant_channels():
     np.testing.assert_allclose(std, (0.0, 0.0, 0.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("images", [np.zeros((2, 32, 32, 3)), np.zeros((2, 3, 32, 32), np.uint8),
+                                    np.zeros((0, 32, 32, 3), np.uint8),
+                                    torch.zeros(2, 32, 32, 3, dtype=torch.uint8)])
+def test_compute_mean_std_refuses_what_it_would_get_wrong(images):
+    """Floats on 0..1 gave a mean 255 times too small, NCHW 32 "channels", no image nan."""
+    with pytest.raises(ValueError, match=r"uint8 array of images \(N, H, W, C\)"):
+        helpers.compute_mean_std(images)
+
+
 def test_subset_size_determinism_and_pairs():
     x = np.arange(100)[:, None] * np.ones((1, 3), int)
     y = np.arange(100)
