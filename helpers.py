@@ -49,7 +49,7 @@ __all__ = [
     "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
     "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
-    "start_training", "train_step", "train_one_epoch", "fit", "format_row", "predict_logits",
+    "orthogonalise", "MuonSGD", "start_training", "train_step", "train_one_epoch", "fit", "format_row", "predict_logits",
     "evaluate", "CheckpointError", "WriteError", "save_checkpoint", "save_weights",
     "load_model", "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs",
     "class_report", "grad_cam", "plot_samples", "plot_pipeline", "plot_history",
@@ -74,8 +74,11 @@ class Recipe:
     batch_size: int = _setting(128, "images per optimisation step", "an integer >= 1",
                                lambda v: v >= 1, "N")
     lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule (SGD, Nesterov "
-                         "momentum 0.9), per step", "a number > 0",
+                         "momentum cycled 0.95-0.85-0.95), per step", "a number > 0",
                          lambda v: 0 < v < math.inf, "LR")
+    muon_lr: float = _setting(0.0, "peak learning rate of Muon for the dense conv weights (their "
+                              "momentum, orthogonalised, is the step); 0: they keep SGD",
+                              "a number >= 0", lambda v: 0 <= v < math.inf, "LR")
     weight_decay: float = _setting(5e-4, "L2 penalty on conv and linear weights (not on "
                                    "BatchNorm or biases)", "a number >= 0",
                                    lambda v: 0 <= v < math.inf, "WD")
@@ -773,11 +776,50 @@ class Training:
     """The moving parts of one training run: the model and what updates it."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer   # SGD, Nesterov momentum 0.9
+    optimizer: torch.optim.Optimizer   # SGD, Nesterov momentum (MuonSGD with Recipe.muon_lr)
     scheduler: Any                     # OneCycle, stepped every batch (None: a constant lr)
     criterion: nn.Module               # cross-entropy with the recipe's label smoothing
     scaler: torch.amp.GradScaler       # float16 loss scaling on CUDA, a no-op elsewhere
     device: torch.device
+
+def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration: ``g`` (a row per output channel) moved towards
+    the nearest semi-orthogonal matrix (singular values near 1, not exactly 1)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.reshape(len(g), -1)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).reshape(g.shape)
+
+class MuonSGD(torch.optim.Optimizer):
+    """Muon for the param groups marked ``muon``, SGD (Nesterov, L2 weight decay) for the rest."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float = 0.9) -> None:
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        """One step: Nesterov momentum; a Muon weight is first rescaled to norm
+        sqrt(output channels) (BatchNorm follows it: only the step's size changes) and its
+        step is the momentum orthogonalised, as ``torch.optim.SGD`` does for the others."""
+        for group in self.param_groups:
+            mu, lr = group["momentum"], group["lr"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                g = p.grad if group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].mul_(mu).add_(g)
+                g = g.add(state["momentum_buffer"], alpha=mu)
+                if group["muon"]:
+                    p.mul_(len(p) ** 0.5 / p.norm())
+                    g = orthogonalise(g)
+                p.add_(g, alpha=-lr)
 
 def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Training:
     """The optimizer, schedule, loss and scaler for ``model`` (already on its device)."""
@@ -785,15 +827,24 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Tr
     if _channels_last(device):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
+    dense = {id(m.weight) for m in model.modules() if recipe.muon_lr and
+             isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.requires_grad}
     # weight decay on conv and linear weights only, not on BatchNorm or biases
-    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=recipe.weight_decay),
+    groups = [dict(params=[p for p in params if p.ndim > 1 and id(p) not in dense],
+                   weight_decay=recipe.weight_decay),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0)]
-    optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
+    if dense:  # the dense conv weights: Muon, at their own peak learning rate
+        groups.append(dict(params=[p for p in params if id(p) in dense], lr=recipe.muon_lr,
+                           muon=True))
+        optimizer = MuonSGD(groups, lr=recipe.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
     total, scheduler = recipe.epochs * steps_per_epoch, None
     if total >= 4:  # OneCycle needs two warm-up steps: tiny runs stretch the warm-up
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, total_steps=total, div_factor=10.0,
-            pct_start=min(max(recipe.pct_start, 2.0 / total), 0.5), final_div_factor=100.0)
+            optimizer, max_lr=[g.get("lr", recipe.lr) for g in groups], total_steps=total,
+            div_factor=10.0, pct_start=min(max(recipe.pct_start, 2.0 / total), 0.5),
+            final_div_factor=100.0)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     return Training(model, optimizer, scheduler, criterion, scaler, device)
@@ -992,7 +1043,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     torch.save(state, buffer)
     _write_atomic(Path(path), buffer.getvalue())
 
-_LATER_SETTINGS = ("dilated_downs",)  # Recipe fields that runs made before them lack
+_LATER_SETTINGS = ("dilated_downs", "muon_lr")  # Recipe fields that runs made before them lack
 
 def _with_defaults(run: Any) -> Any:
     """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""

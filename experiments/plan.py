@@ -43,9 +43,9 @@ RUNS = {
     "deep-3322": ([], ["--widths", "16", "32", "64", "128", "--depths", "3", "3", "2", "2", *RUN1]),
     "deep-2222": ([], ["--widths", "24", "40", "80", "112", "--depths", "2", "2", "2", "2", *RUN1]),
     # Muon for the dense conv weights (EXPERIMENTS.md, *Muon*): alone, and with Run 1's settings
-    "muon": (["--muon", "0.02"], []),
-    "muon0.01-run1": (["--muon", "0.01"], RUN1),
-    "muon0.02-run1": (["--muon", "0.02"], RUN1),
+    "muon": ([], ["--muon-lr", "0.02"]),
+    "muon0.01-run1": ([], ["--muon-lr", "0.01", *RUN1]),
+    "muon0.02-run1": ([], ["--muon-lr", "0.02", *RUN1]),
 }
 
 

@@ -1,7 +1,7 @@
 """Candidates for a more accurate recipe, screened on held-out training images before any of
 them earns a place in helpers.py. Each option changes one thing of ``helpers.py train``:
 
-    python experiments/v3.py [--mixup ALPHA] [--ema DECAY] [--adamw LR] [--muon LR]
+    python experiments/v3.py [--mixup ALPHA] [--ema DECAY] [--adamw LR]
                              -- TRAIN OPTIONS (passed to helpers.py train unchanged)
 
   --mixup ALPHA   each batch mixed with a shuffled copy of itself, lambda ~ Beta(ALPHA, ALPHA),
@@ -10,17 +10,13 @@ them earns a place in helpers.py. Each option changes one thing of ``helpers.py 
                   after every epoch and what the run ends with
   --adamw LR      AdamW (weight decay 0.05 on conv and linear weights) instead of SGD, with
                   the recipe's OneCycle schedule peaking at LR
-  --muon LR       Muon for the dense conv weights (3x3 and 1x1; each a matrix of its output
-                  channels): the Nesterov momentum of the gradient, orthogonalised by a
-                  Newton-Schulz iteration, is the step; each weight is kept at norm
-                  sqrt(output channels) (BatchNorm follows every conv, so its scale is free).
-                  The recipe's OneCycle schedule (its momentum cycle too) peaks at LR for
-                  them; depthwise, BatchNorm and linear weights keep the recipe's SGD
 
 The exercise's extra credit is a recipe setting of helpers.py (``--dilated-downs 1``: C4's
 downsampler dilated; ``2``: C3's too); it replaces this script's earlier ``--extra-credit`` and
 ``--extra-credit --dilated-c3``, which built the same nets, output for output (a folder made
 with those records no setting: add ``"dilated_downs"`` to its recipe before resuming or scoring).
+Muon is one too (``--muon-lr LR``), replacing this script's ``--muon LR``, which trained the
+same weights, bit for bit (a folder made with it needs ``"muon_lr"`` added the same way).
 
 Each option survives ``--resume``: mixup's draws are a pure function of (--seed, step), and the
 EMA is saved beside each checkpoint (``ema-<epoch>.pt`` in --out), so a run stopped and resumed
@@ -52,70 +48,6 @@ def use_adamw(lr: float) -> None:
             t.scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 t.optimizer, max_lr=lr, total_steps=recipe.epochs * steps_per_epoch,
                 pct_start=recipe.pct_start, div_factor=10.0, final_div_factor=100.0)
-        return t
-
-    helpers.start_training = start_training
-
-
-def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration of Muon: ``g`` (one row per output channel) moved
-    towards the nearest semi-orthogonal matrix (singular values near 1, not exactly 1)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.reshape(len(g), -1)
-    wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).reshape(g.shape)
-
-
-class MuonSGD(torch.optim.Optimizer):
-    """Muon for the groups marked ``muon``; SGD with Nesterov momentum and L2 weight decay (as
-    ``torch.optim.SGD``) for the others. Each group's ``momentum`` is what OneCycle cycles."""
-
-    def __init__(self, groups: list[dict], momentum: float = 0.9) -> None:
-        super().__init__(groups, dict(momentum=momentum, weight_decay=0.0, muon=False))
-
-    @torch.no_grad()
-    def step(self, closure=None) -> None:
-        for group in self.param_groups:
-            mu, lr = group["momentum"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.clone()
-                else:
-                    state["momentum_buffer"].mul_(mu).add_(g)
-                g = g.add(state["momentum_buffer"], alpha=mu)
-                if group["muon"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    g = orthogonalise(g)
-                p.add_(g, alpha=-lr)
-
-
-def use_muon(lr: float) -> None:
-    start = helpers.start_training
-
-    def start_training(model, recipe, steps_per_epoch):
-        t = start(model, recipe, steps_per_epoch)
-        dense = {id(m.weight) for m in model.modules()
-                 if isinstance(m, torch.nn.Conv2d) and m.groups == 1}
-        groups = [dict(params=[p for p in g["params"] if id(p) not in dense], lr=recipe.lr,
-                       weight_decay=g["weight_decay"]) for g in t.optimizer.param_groups]
-        groups.append(dict(params=[p for p in model.parameters() if id(p) in dense], lr=lr,
-                           muon=True))
-        t.optimizer = MuonSGD(groups)
-        if t.scheduler is not None:  # helpers.start_training's schedule, one peak per group
-            total = t.scheduler.total_steps
-            t.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                t.optimizer, max_lr=[g["lr"] for g in groups], total_steps=total,
-                pct_start=min(max(recipe.pct_start, 2.0 / total), 0.5), div_factor=10.0,
-                final_div_factor=100.0)
         return t
 
     helpers.start_training = start_training
@@ -194,15 +126,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mixup", type=float)
     p.add_argument("--ema", type=float)
     p.add_argument("--adamw", type=float)
-    p.add_argument("--muon", type=float)
     args, train = p.parse_known_args(argv)
     train = [a for a in train if a != "--"]
     parsed = helpers._build_parser().parse_args(["train", *train])
     recipe = helpers._recipe_from_args(parsed)
     if args.adamw:
         use_adamw(args.adamw)
-    if args.muon:
-        use_muon(args.muon)
     if args.mixup:
         use_mixup(args.mixup, recipe.epochs, parsed.seed)
     if args.ema:

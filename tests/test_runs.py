@@ -141,16 +141,18 @@ def test_interrupted_run_resumes_to_the_same_history_and_weights(
     assert json.loads((out / "config.json").read_text())["workers"] == 1  # reused by --resume
 
 
-def _fit_setup(seed=0):
+def _fit_setup(seed=0, **settings):
     """Model, recipe and loaders built as the command line builds them (no workers)."""
     helpers.set_seed(seed)
     train, test = tiny_loaders(*make_arrays(3, 1), seed=seed)
-    recipe = helpers.Recipe(epochs=3, batch_size=8, widths=TINY, p_affine=0.5, p_dropout=0.5)
+    recipe = helpers.Recipe(epochs=3, batch_size=8, widths=TINY, p_affine=0.5, p_dropout=0.5,
+                            **settings)
     return helpers.build_model(recipe), recipe, train, test
 
 
-def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu):
-    model, recipe, train, test = _fit_setup()
+@pytest.mark.parametrize("settings", [{}, {"muon_lr": 0.02}], ids=["sgd", "muon"])
+def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu, settings):
+    model, recipe, train, test = _fit_setup(**settings)
     straight = helpers.fit(model, recipe, train, test, progress=False, log=lambda r: None)
 
     def stop_after_epoch_1(history):
@@ -158,8 +160,8 @@ def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu):
 
     path = tmp_path / "model.pt"
     with pytest.raises(KeyboardInterrupt):
-        helpers.fit(*_fit_setup(), path, progress=False, log=stop_after_epoch_1)
-    again, *rest = _fit_setup()
+        helpers.fit(*_fit_setup(**settings), path, progress=False, log=stop_after_epoch_1)
+    again, *rest = _fit_setup(**settings)
     torch.manual_seed(123)  # the global generators' state now must not matter
     np.random.seed(123)
     logged = []
@@ -777,15 +779,18 @@ def _drop_setting(out: Path, name: str) -> None:
     helpers.save_checkpoint(out / "model.pt", state)
 
 
-def test_a_run_made_before_a_recipe_setting_existed_resumes(partial_run, data_dir, capsys):
+@pytest.mark.parametrize("name, value, says", [("dilated_downs", "1", "0 -> 1"),
+                                               ("muon_lr", "0.02", "0.0 -> 0.02")])
+def test_a_run_made_before_a_recipe_setting_existed_resumes(partial_run, data_dir, capsys,
+                                                            name, value, says):
     """The setting it lacks is read at its default; asking for another value is refused."""
     args = train_args(data_dir, partial_run, "--resume")
-    _drop_setting(partial_run, "dilated_downs")
-    code, _, err = cli(capsys, *args, "--dilated-downs", "1")
-    assert code == 2 and "recipe.dilated_downs 0 -> 1" in one_line(err)
+    _drop_setting(partial_run, name)
+    code, _, err = cli(capsys, *args, "--" + name.replace("_", "-"), value)
+    assert code == 2 and f"recipe.{name} {says}" in one_line(err)
     code, _, err = cli(capsys, *args)
     assert code == 0 and (partial_run / "summary.json").exists(), err
-    _drop_setting(partial_run, "dilated_downs")  # now a finished run made before the setting
+    _drop_setting(partial_run, name)  # now a finished run made before the setting
     code, out, err = cli(capsys, *args)
     assert code == 0 and "nothing to do" in out, err
 
@@ -1004,7 +1009,7 @@ RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf"], "batch_size": [
               "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
               "p_flip": ["2"], "p_affine": ["1.5"], "p_dropout": ["-0.1"], "act": ["tanh"],
               "widths": ["0 0 0 0"], "depths": ["-1 1 1 1", "1 0 1 1"],
-              "dilated_downs": ["3", "1.5"]}
+              "dilated_downs": ["3", "1.5"], "muon_lr": ["-0.01", "inf"]}
 WORDS = {f.name: f.metadata["words"] for f in fields(helpers.Recipe)}
 assert set(RECIPE_BAD) == set(WORDS)  # every field's option is tried
 BAD_OPTIONS = [(["--" + name.replace("_", "-"), *value.split()],

@@ -184,6 +184,71 @@ def test_fit_lr_follows_one_cycle(random_data, cpu):
     assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+def _polar(m: torch.Tensor) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to ``m``: U V^T of its SVD."""
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(32, 3, 3, 3), (96, 64, 1, 1), (128, 128, 3, 3), (10, 200)])
+def test_orthogonalise_moves_singular_values_near_one_keeping_the_directions(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    o = helpers.orthogonalise(g)
+    m, mo = g.reshape(shape[0], -1), o.reshape(shape[0], -1)
+    s = torch.linalg.svdvals(mo)
+    assert o.shape == g.shape and 0.6 < s.min() and s.max() < 1.2
+    assert torch.allclose(_polar(mo), _polar(m), atol=1e-3)
+
+
+def test_muon_sgd_without_a_muon_group_steps_as_torch_sgd():
+    torch.manual_seed(0)
+    nets = (nn.Linear(5, 3), nn.Linear(5, 3))
+    nets[1].load_state_dict(nets[0].state_dict())
+    groups = [[dict(params=[n.weight], weight_decay=0.01), dict(params=[n.bias], weight_decay=0)]
+              for n in nets]
+    optimizers = (torch.optim.SGD(groups[0], lr=0.1, momentum=0.9, nesterov=True),
+                  helpers.MuonSGD(groups[1], lr=0.1, momentum=0.9))
+    for _ in range(5):
+        x = torch.randn(4, 5)
+        for net, opt in zip(nets, optimizers):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+def test_a_muon_step_is_the_orthogonalised_momentum_on_a_rescaled_weight():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, bias=False)
+    w, buf = conv.weight.detach().clone(), None
+    opt = helpers.MuonSGD([dict(params=[conv.weight], lr=0.05, muon=True, weight_decay=0.1)],
+                          lr=0.2, momentum=0.9)
+    for _ in range(3):
+        g = torch.randn_like(w)
+        conv.weight.grad = g.clone()
+        opt.step()
+        buf = g if buf is None else 0.9 * buf + g  # Nesterov momentum, no weight decay
+        w = w * (8 ** 0.5 / w.norm()) - 0.05 * helpers.orthogonalise(g + 0.9 * buf)
+    assert torch.allclose(conv.weight, w, atol=1e-6)
+
+
+def test_muon_lr_gives_the_dense_conv_weights_to_muon_at_their_own_peak(cpu):
+    model = helpers.Net(TINY)
+    assert type(helpers.start_training(model, _tiny(), 10).optimizer) is torch.optim.SGD
+    t = helpers.start_training(model, _tiny(muon_lr=0.03), 10)
+    dense = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    groups = t.optimizer.param_groups
+    assert [{id(p) for p in g["params"]} == dense for g in groups] == [False, False, True]
+    assert sorted(id(p) for g in groups for p in g["params"]) == \
+        sorted(id(p) for p in model.parameters())  # each parameter in one group
+    peaks = [0.0] * len(groups)
+    for _ in range(20):
+        peaks = [max(peak, g["lr"]) for peak, g in zip(peaks, groups)]
+        t.optimizer.step()  # no gradients: changes nothing
+        t.scheduler.step()
+    assert peaks == pytest.approx([0.2, 0.2, 0.03], rel=0.05)
+
+
 def test_fit_learns_a_learnable_task(cpu):
     helpers.set_seed(0)
     x, y = _brightest_channel(32, seed=0)
