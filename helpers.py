@@ -49,12 +49,12 @@ __all__ = [
     "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
     "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
     "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
-    "orthogonalise", "MuonSGD", "start_training", "train_step", "train_one_epoch", "fit", "format_row", "predict_logits",
-    "evaluate", "CheckpointError", "WriteError", "save_checkpoint", "save_weights",
-    "load_model", "predict", "hardest_mistakes", "confusion_matrix", "confused_pairs",
-    "class_report", "grad_cam", "plot_samples", "plot_pipeline", "plot_history",
-    "plot_mistakes", "plot_confusion_matrix", "plot_receptive_field", "figures_folder",
-    "save_figure", "bench", "bench_table", "main"]
+    "orthogonalise", "MuonSGD", "start_training", "train_step", "train_one_epoch", "fit",
+    "format_row", "predict_logits", "evaluate", "CheckpointError", "WriteError",
+    "save_checkpoint", "save_weights", "load_model", "predict", "hardest_mistakes",
+    "confusion_matrix", "confused_pairs", "class_report", "grad_cam", "plot_samples",
+    "plot_pipeline", "plot_history", "plot_mistakes", "plot_confusion_matrix",
+    "plot_receptive_field", "figures_folder", "save_figure", "bench", "bench_table", "main"]
 
 
 # =========================================================================== the recipe
@@ -69,14 +69,14 @@ _PROBABILITY = ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
 class Recipe:
     """Every hyper-parameter of one training recipe; a bad value cannot be built."""
 
-    epochs: int = _setting(15, "passes over the training set", "an integer >= 1",
+    epochs: int = _setting(10, "passes over the training set", "an integer >= 1",
                            lambda v: v >= 1, "N")
     batch_size: int = _setting(128, "images per optimisation step", "an integer >= 1",
                                lambda v: v >= 1, "N")
     lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule (SGD, Nesterov "
                          "momentum cycled 0.95-0.85-0.95), per step", "a number > 0",
                          lambda v: 0 < v < math.inf, "LR")
-    muon_lr: float = _setting(0.0, "peak learning rate of Muon for the dense conv weights (their "
+    muon_lr: float = _setting(0.02, "peak learning rate of Muon for the dense conv weights (their "
                               "momentum, orthogonalised, is the step); 0: they keep SGD",
                               "a number >= 0", lambda v: 0 <= v < math.inf, "LR")
     weight_decay: float = _setting(5e-4, "L2 penalty on conv and linear weights (not on "
@@ -117,11 +117,13 @@ class Recipe:
                     and meta["ok"](value)):
                 raise ValueError(f"Recipe.{f.name}: expected {meta['words']}, got {value!r}")
 
-# The notebook's default; its net for 50 epochs; a net for 10 epochs; one under 50k parameters.
+# The notebook's default; its net for 50 epochs with SGD; a net for 10 epochs; one under 50k
+# parameters (the last three train every weight with SGD: muon_lr=0).
 RECIPES: dict[str, Recipe] = {
-    "standard": Recipe(), "accurate": Recipe(epochs=50),
-    "fast": Recipe(epochs=10, widths=(24, 64, 96, 160), depths=(0, 1, 1, 1)),
-    "small": Recipe(epochs=60, batch_size=256, widths=(16, 28, 48, 64), depths=(2, 1, 1, 1))}
+    "standard": Recipe(), "accurate": Recipe(epochs=50, muon_lr=0.0),
+    "fast": Recipe(epochs=10, muon_lr=0.0, widths=(24, 64, 96, 160), depths=(0, 1, 1, 1)),
+    "small": Recipe(epochs=60, muon_lr=0.0, batch_size=256, widths=(16, 28, 48, 64),
+                    depths=(2, 1, 1, 1))}
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -788,9 +790,9 @@ def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.reshape(len(g), -1)
     wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
+    x = x if wide else x.T  # rows <= columns: the Gram matrix below is the smaller one
+    x = x / (x.norm() + 1e-7)  # every singular value now <= 1
+    for _ in range(steps):  # each maps a singular value s to a*s + b*s^3 + c*s^5, towards 1
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x if wide else x.T).reshape(g.shape)
@@ -803,12 +805,13 @@ class MuonSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
-        """One step: Nesterov momentum; a Muon weight is first rescaled to norm
-        sqrt(output channels) (BatchNorm follows it: only the step's size changes) and its
-        step is the momentum orthogonalised, as ``torch.optim.SGD`` does for the others."""
+        """One step with Nesterov momentum, as ``torch.optim.SGD`` takes it; a Muon weight is
+        first rescaled to norm sqrt(output channels) (BatchNorm follows it, so only the step's
+        relative size changes), and its step is the momentum orthogonalised."""
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
             for p in (p for p in group["params"] if p.grad is not None):
+                # a Muon weight's norm is fixed by the rescaling: weight decay would do nothing
                 g = p.grad if group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -1043,13 +1046,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     torch.save(state, buffer)
     _write_atomic(Path(path), buffer.getvalue())
 
-_LATER_SETTINGS = ("dilated_downs", "muon_lr")  # Recipe fields that runs made before them lack
+# Recipe fields that runs made before them lack, with the value those runs trained with
+_LATER_SETTINGS = {"dilated_downs": 0, "muon_lr": 0.0}
 
 def _with_defaults(run: Any) -> Any:
-    """``run`` with the later recipe settings it lacks at their defaults (the net it trained)."""
+    """``run`` with the later recipe settings it lacks at the values it trained with."""
     if isinstance(run, dict) and isinstance(run.get("recipe"), dict):
-        later = {k: getattr(Recipe, k) for k in _LATER_SETTINGS}
-        return dict(run, recipe={**later, **run["recipe"]})
+        return dict(run, recipe={**_LATER_SETTINGS, **run["recipe"]})
     return run
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:

@@ -129,7 +129,7 @@ def test_smoke_run_shows_what_the_text_promises(headless):
     assert "downsampling: C2 downsample" in text and "every rule holds" in text
     assert "receptive field from the table: 81 pixels; measured from gradients: 81" in text
     assert "epoch   1/1" in text and "lowest possible training loss" in text
-    shown = _text(_code_with(nb, "(train_step, train_one_epoch, fit)").outputs)
+    shown = _text(_code_with(nb, "train_step, train_one_epoch, fit)").outputs)
     assert "def train_step(" in shown and "def fit(" in shown  # the real code, shown
     assert "class Net(nn.Module)" in text and "class SetupError" not in text
     pipeline = _code_with(nb, "for image in x_train[examples[:5]]").outputs
@@ -446,13 +446,14 @@ def test_the_texts_figures_agree_with_the_run_and_readme():
 
 
 def test_committed_notebook_shows_the_current_code():
-    """The blocks, the net, the training step and loop are shown as helpers.py has them now."""
+    """The blocks, the net, Muon, the training step and loop are shown as helpers.py has them."""
     import inspect
 
     import helpers
     nb = _nb()
-    shown = _text(_code_with(nb, "(train_step, train_one_epoch, fit)").outputs) + _text(
+    shown = _text(_code_with(nb, "train_step, train_one_epoch, fit)").outputs) + _text(
         _code_with(nb, "for part in (ConvBNAct").outputs)
-    for part in (helpers.train_step, helpers.train_one_epoch, helpers.fit, helpers.Net,
-                 helpers.ConvBNAct, helpers.DepthwiseSeparable, helpers.Residual):
+    for part in (helpers.orthogonalise, helpers.MuonSGD, helpers.train_step,
+                 helpers.train_one_epoch, helpers.fit, helpers.Net, helpers.ConvBNAct,
+                 helpers.DepthwiseSeparable, helpers.Residual):
         assert inspect.getsource(part).strip() in shown, part.__name__

@@ -250,10 +250,14 @@ def finished_run(data_dir, tmp_path, capsys):
 @pytest.fixture
 def partial_run(data_dir, tmp_path, capsys, monkeypatch):
     """A 3-epoch run interrupted (as by Ctrl-C) once epoch 1 is saved."""
-    out = tmp_path / "run"
+    return _interrupted(data_dir, tmp_path / "run", capsys, monkeypatch)
+
+
+def _interrupted(data_dir, out, capsys, monkeypatch, *extra):
+    """``out`` holding a 3-epoch run (train options ``extra``) stopped once epoch 1 is saved."""
     monkeypatch.setattr(helpers, "format_row", lambda *a: (_ for _ in ()).throw(
         KeyboardInterrupt()))
-    code, _, err = cli(capsys, *train_args(data_dir, out))
+    code, _, err = cli(capsys, *train_args(data_dir, out, *extra))
     monkeypatch.undo()
     assert code == 130 and "keeps epoch 1" in err
     return out
@@ -779,19 +783,23 @@ def _drop_setting(out: Path, name: str) -> None:
     helpers.save_checkpoint(out / "model.pt", state)
 
 
-@pytest.mark.parametrize("name, value, says", [("dilated_downs", "1", "0 -> 1"),
-                                               ("muon_lr", "0.02", "0.0 -> 0.02")])
-def test_a_run_made_before_a_recipe_setting_existed_resumes(partial_run, data_dir, capsys,
-                                                            name, value, says):
-    """The setting it lacks is read at its default; asking for another value is refused."""
-    args = train_args(data_dir, partial_run, "--resume")
-    _drop_setting(partial_run, name)
-    code, _, err = cli(capsys, *args, "--" + name.replace("_", "-"), value)
+@pytest.mark.parametrize("name, option, value, other, says", [
+    ("dilated_downs", "--dilated-downs", "0", "1", "0 -> 1"),
+    ("muon_lr", "--muon-lr", "0", "0.02", "0.0 -> 0.02")])
+def test_a_run_made_before_a_recipe_setting_existed_resumes(data_dir, tmp_path, capsys,
+                                                            monkeypatch, name, option, value,
+                                                            other, says):
+    """The setting it lacks is read at the value such runs trained with (no dilated
+    downsampler, SGD); the recipe's other value is refused, naming the setting."""
+    run = _interrupted(data_dir, tmp_path / "run", capsys, monkeypatch, option, value)
+    _drop_setting(run, name)
+    args = train_args(data_dir, run, "--resume")
+    code, _, err = cli(capsys, *args, option, other)
     assert code == 2 and f"recipe.{name} {says}" in one_line(err)
-    code, _, err = cli(capsys, *args)
-    assert code == 0 and (partial_run / "summary.json").exists(), err
-    _drop_setting(partial_run, name)  # now a finished run made before the setting
-    code, out, err = cli(capsys, *args)
+    code, _, err = cli(capsys, *args, option, value)
+    assert code == 0 and (run / "summary.json").exists(), err
+    _drop_setting(run, name)  # now a finished run made before the setting
+    code, out, err = cli(capsys, *args, option, value)
     assert code == 0 and "nothing to do" in out, err
 
 
