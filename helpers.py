@@ -80,7 +80,7 @@ class Recipe:
                               "momentum, orthogonalised, is the step); 0: they keep SGD",
                               "a number >= 0", lambda v: 0 <= v < math.inf, "LR")
     weight_decay: float = _setting(5e-4, "L2 penalty on conv and linear weights (not on "
-                                   "BatchNorm or biases)", "a number >= 0",
+                                   "BatchNorm, biases or Muon's weights)", "a number >= 0",
                                    lambda v: 0 <= v < math.inf, "WD")
     label_smoothing: float = _setting(0.1, "share of each target spread over all classes",
                                       "a number in [0, 1)", lambda v: 0 <= v < 1, "S")
@@ -792,7 +792,7 @@ def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T  # rows <= columns: the Gram matrix below is the smaller one
     x = x / (x.norm() + 1e-7)  # every singular value now <= 1
-    for _ in range(steps):  # each maps a singular value s to a*s + b*s^3 + c*s^5, towards 1
+    for _ in range(steps):  # s -> a*s + b*s^3 + c*s^5: small ones grow 3.4x, all end ~0.7-1.2
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x if wide else x.T).reshape(g.shape)
@@ -806,8 +806,9 @@ class MuonSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         """One step with Nesterov momentum, as ``torch.optim.SGD`` takes it; a Muon weight is
-        first rescaled to norm sqrt(output channels) (BatchNorm follows it, so only the step's
-        relative size changes), and its step is the momentum orthogonalised."""
+        first rescaled to norm sqrt(output channels) (BatchNorm follows it, so the output does
+        not change, and each step changes the weight by about ``lr`` of its size), and its step
+        is the momentum orthogonalised."""
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
             for p in (p for p in group["params"] if p.grad is not None):

@@ -51,12 +51,13 @@ RUNS = {
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
     v3, train = RUNS[name]
+    sgd = [] if "--muon-lr" in train else ["--muon-lr", "0"]  # screened before Muon: SGD
     out = args.out / name
     resume = ["--resume"] if (out / "config.json").exists() else []
     return [sys.executable, str(ROOT / "experiments" / "v3.py"), *v3, "--", "--data-dir",
             str(args.data_dir), "--recipe", "standard", "--epochs", str(args.epochs),
             "--val-fraction", "0.1", "--seed", "0", "--no-progress", "--out", str(out),
-            "--threads", str(args.threads), "--workers", str(args.workers), *train, *resume]
+            "--threads", str(args.threads), "--workers", str(args.workers), *sgd, *train, *resume]
 
 
 def summary(args: argparse.Namespace, names: list[str]) -> str:

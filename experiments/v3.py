@@ -40,7 +40,7 @@ def use_adamw(lr: float) -> None:
     start = helpers.start_training
 
     def start_training(model, recipe, steps_per_epoch):
-        t = start(model, replace(recipe, lr=lr), steps_per_epoch)
+        t = start(model, replace(recipe, lr=lr, muon_lr=0.0), steps_per_epoch)  # SGD's groups
         groups = [dict(params=g["params"], weight_decay=0.05 if g["weight_decay"] else 0.0)
                   for g in t.optimizer.param_groups]
         t.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
