@@ -1193,6 +1193,11 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 def confused_pairs(cm: np.ndarray, classes: Sequence[str], n: int = 5) -> Any:
     """The ``n`` most frequent mistakes: true class, predicted class, count, share of the class."""
     import pandas as pd
+    cm = np.asarray(cm)
+    if not (cm.ndim == 2 and cm.shape == (len(classes),) * 2 and cm.dtype.kind in "iu"):
+        raise ValueError(f"expected counts (confusion_matrix's integers) in a {len(classes)}x"
+                         f"{len(classes)} matrix, got {cm.dtype} {cm.shape}: rows in % would "
+                         "be read as images")
     off = cm.astype(float) * (1 - np.eye(len(cm)))
     order = np.argsort(-off, axis=None, kind="stable")[:n]
     rows = [(classes[i], classes[j], int(cm[i, j]), 100 * cm[i, j] / max(cm[i].sum(), 1))

@@ -149,6 +149,13 @@ def test_confused_pairs_ties_and_few_mistakes():
     assert len(helpers.confused_pairs(np.diag([3, 4, 5]), ("a", "b", "c"))) == 0
 
 
+@pytest.mark.parametrize("cm", [np.eye(3) * 100, np.ones((3, 2), int), np.ones((4, 4), int)])
+def test_confused_pairs_refuses_what_is_not_a_matrix_of_counts(cm):
+    """A matrix in % of each class was read as image counts (4.3% became 4 images)."""
+    with pytest.raises(ValueError, match="expected counts"):
+        helpers.confused_pairs(cm, ("a", "b", "c"))
+
+
 def test_class_report_matches_sklearn(labels_preds):
     labels, preds = labels_preds
     df = helpers.class_report(labels, preds, CLASSES)
