@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import glob
 import io
 import itertools
@@ -226,11 +227,14 @@ def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            mode, arr = im.mode, np.asarray(im.convert("RGB"), dtype=np.uint8)
+            stored = im.tile[0].args if im.tile else ""  # as the file holds it: "RGB;16B", ...
+            mode = stored if ";16" in str(stored) else im.mode
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError,
             Image.DecompressionBombError) as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
-    if mode in ("I", "F") or mode.startswith("I;"):  # 16-bit or float: convert() clips at 255
+    if mode in ("I", "F") or ";16" in mode or mode.startswith("I;"):  # 16-bit or float:
+        # convert() clips grey at 255, and keeps only the high byte of 16-bit colour
         raise ValueError(f"Image {path} has {mode} pixels: save it with 8 bits per channel")
     if arr.shape != (32, 32, 3):
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
@@ -1012,9 +1016,11 @@ class WriteError(RuntimeError):
     """A file that could not be written (disk full, file-size limit, permissions)."""
 
 def _remove_temps(path: Path) -> None:
-    """Remove the temp files that killed writers of ``path`` left beside it."""
+    """Remove the temp files (``NAME.PID.tmp``) that killed writers of ``path`` left beside it;
+    a folder or another name is not ours to remove."""
     for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        if stale.name[len(path.name) + 1:-4].isdigit() and not stale.is_dir():
+            stale.unlink(missing_ok=True)
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step (a temp file, flushed to disk, renamed over
@@ -1095,7 +1101,7 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
         json.dumps([state.get(k) for k in ("epoch", "history", "run")])
         plain = type(state.get("epoch", 0)) is int and all(
             type(row) is dict and all(type(v) in (int, float) for v in row.values())
-            for row in state.get("history", []))
+            for row in state.get("history", [])) and _nesting(state.get("run")) <= _MAX_NESTING
     except (TypeError, ValueError, RecursionError):  # a tensor or an object among them
         plain = False
     if not plain:
@@ -1104,6 +1110,17 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     if "run" in state:
         state["run"] = _with_defaults(state["run"])
     return state
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (a plain value is 1), without recursion."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [v for x in level if isinstance(x, (list, dict))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+_MAX_NESTING = 16  # a run's settings nest 4 deep; far deeper fails later, with a traceback
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
@@ -1120,6 +1137,22 @@ def _differences(old: dict, new: dict) -> list[str]:
             diffs.append(f"{key} {a!r} -> {b!r}")
     return diffs
 
+def _settings(t: Training) -> list:
+    """The optimizer's groups (hyper-parameters) and the schedule's state, but its call count."""
+    sched = dict(t.scheduler.state_dict(), _step_count=None) if t.scheduler else None
+    return [[{k: v for k, v in g.items() if k != "params"} for g in t.optimizer.param_groups],
+            sched]
+
+def _settings_after(t: Training, steps: int) -> list:
+    """``_settings`` of a fresh ``t`` after ``steps`` steps: what a checkpoint must hold."""
+    import warnings
+    if t.scheduler is not None:
+        with warnings.catch_warnings():  # "a schedule step before an optimizer step": meant
+            warnings.simplefilter("ignore")
+            t.scheduler.last_epoch = steps - 1
+            t.scheduler.step()  # computes the rate and momentum of step ``steps``
+    return _settings(t)
+
 def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     """Load what the checkpoint at ``path`` holds into ``t``; return its history."""
     state = _read_checkpoint(path)
@@ -1131,6 +1164,7 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
         raise CheckpointError(f"{path} belongs to another run ({'; '.join(diffs)})")
     try:
         epochs = [row["epoch"] for row in state["history"]]
+        expected = _settings_after(t, len(epochs) * run["steps_per_epoch"])
         t.model.load_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         if t.scheduler is not None:
@@ -1145,6 +1179,13 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     if epochs != list(range(1, len(epochs) + 1)) or state.get("epoch") != len(epochs) or \
             steps != len(epochs) * run["steps_per_epoch"]:
         raise CheckpointError(f"{path} is damaged: its history, epoch and schedule disagree")
+    try:  # a value that torch would fail on, or silently train with
+        same = _plain(_settings(t)) == _plain(expected)
+    except (TypeError, ValueError):  # a tensor or an object among them
+        same = False
+    if not same:
+        raise CheckpointError(f"{path} is damaged: its optimizer or schedule settings are not "
+                              "those its recipe makes")
     return list(state["history"])
 
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
@@ -1483,7 +1524,7 @@ def _option(p: argparse.ArgumentParser, name: str, kind: type, words: str, help:
 
 def _common_options(p: argparse.ArgumentParser, recipe: bool) -> None:
     """--data-dir, --download, --threads and (``recipe``) one option per Recipe field."""
-    p.add_argument("--data-dir", required=True, metavar="DIR",
+    p.add_argument("--data-dir", required=True, metavar="DIR", type=os.path.expanduser,
                    help="folder with CIFAR-10: official batches, or train/<class>/*.jpg|png")
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
@@ -1581,7 +1622,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
                          f"{data.source} holds {len(data.classes)} classes")
     trained_on = state["run"].get("classes")
-    if trained_on is not None and list(trained_on) != list(data.classes):
+    if trained_on is not None and not (type(trained_on) is list and all(
+            type(c) is str for c in trained_on)):
+        raise UsageError(f"{args.weights} is damaged: its classes are not a list of names")
+    if trained_on is not None and trained_on != list(data.classes):
         raise UsageError(f"{args.weights} was trained on the classes {', '.join(trained_on)}, "
                          f"but {data.source} holds {', '.join(data.classes)}: its labels would "
                          "not match (name the class folders as in training)")
@@ -1623,6 +1667,9 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
         why = "is missing" if isinstance(e, FileNotFoundError) else f"is damaged ({e})"
         raise UsageError(f"{path} {why}, so the run cannot be checked: pass --overwrite to "
                          "start again") from None
+    if _nesting(value) > _MAX_NESTING:
+        raise UsageError(f"{path} is damaged (nested too deeply); pass --overwrite to start "
+                         "again")
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
     counts = [k for k, (least, most) in _COUNTS.items() if k in keys and k not in missing
               and not (type(value[k]) is int and least <= value[k] <= most)]
@@ -1653,25 +1700,13 @@ class _RunFolder:
                                      "run set aside by --overwrite is kept: choose another --out")
         except OSError as e:  # a name too long
             raise UsageError(f"argument --out: {e.strerror}: {self.out}") from None
-        self.created = sum(not p.exists() for p in (self.out, *self.out.parents))  # folders
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.out / ".lock", "a+")
-        except OSError as e:
-            raise UsageError(f"argument --out: cannot write to {self.out}: {e.strerror}") from None
-        try:
-            import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
-            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
-        except OSError:
-            self.lock.seek(0)
-            raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
-                             f"{self.lock.read().strip()}): wait for it to end, or choose "
-                             "another --out") from None
-        except ImportError:
-            pass
-        self.lock.truncate(0)
-        print(os.getpid(), file=self.lock, flush=True)
+        self.created = [r for r in dict.fromkeys(os.path.realpath(p) for p in (
+            self.out, *self.out.parents)) if not os.path.exists(r)]  # as resolved: a/../b is b
+        self._take_lock()
         self._refuse_what_overwrite_did_not_make()
+        for path in (self.out / name for name in _RUN_FILES):
+            if path.is_dir():  # not ours: --overwrite would delete it, --resume fail on it
+                raise UsageError(f"{path} is a folder, not a file of a run: move it away")
         shutil.rmtree(self.discarded, ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
@@ -1680,6 +1715,32 @@ class _RunFolder:
         if not self.discarded.exists():
             self.mark.unlink(missing_ok=True)
         return self
+
+    def _take_lock(self) -> None:
+        """Lock ``.lock`` (a file, never a link) against any other command, and write our PID."""
+        lock = self.out / ".lock"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if lock.is_symlink():  # opened, it would write into the file it points to
+                raise UsageError(f"argument --out: {lock} is a link: move it away")
+            self.lock = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(
+                os, "O_NOFOLLOW", 0)), "r+")
+        except OSError as e:
+            raise UsageError(f"argument --out: cannot write to {self.out}: {e.strerror}") from None
+        try:
+            import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
+        except OSError:
+            raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
+                             f"{self.lock.read().strip()}): wait for it to end, or choose "
+                             "another --out") from None
+        except ImportError:
+            pass
+        try:
+            self.lock.truncate(0)
+            print(os.getpid(), file=self.lock, flush=True)
+        except OSError as e:  # a file-size limit, a full disk
+            raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror}") from None
 
     def _refuse_what_overwrite_did_not_make(self) -> None:
         """Refuse a .replaced or .discarded that is not marked as made by --overwrite or holds
@@ -1709,9 +1770,9 @@ class _RunFolder:
         self.lock.close()
         if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
             (self.out / ".lock").unlink()  # refused before anything was written: as it was
-            for folder in (self.out, *self.out.parents)[:self.created]:
+            for folder in self.created:
                 try:
-                    folder.rmdir()
+                    os.rmdir(folder)
                 except OSError:  # not empty: something else wrote there
                     break
 
@@ -1875,6 +1936,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"argument --out: {args.out} is inside {args.data_dir}'s train/ or "
                          "test/ folder, whose files are read as images: choose another folder")
     with _RunFolder(Path(args.out)) as folder:
+        prev = None
         try:
             prev = folder.previous(args.resume, args.overwrite)
             workers = args.workers if args.workers is not None else (prev or {}).get("workers")
@@ -1899,9 +1961,10 @@ def run_training(args: argparse.Namespace) -> list[dict]:
             folder.refuse_changes(prev, meta)
             print(json.dumps(meta))
             return folder.train(args, model, recipe, loader, batches, meta)
-        except (KeyboardInterrupt, BrokenPipeError) as e:
+        except (KeyboardInterrupt, OSError) as e:  # a signal, or output that cannot be written
             e.kept = (f": {folder.out}/model.pt keeps epoch {folder.epoch}; continue with "
-                      "--resume" if folder.epoch else f": no epoch of {folder.out} finished")
+                      "--resume" if folder.epoch else f": the run in {folder.out} is finished"
+                      if prev and prev["finished"] else f": no epoch of {folder.out} finished")
             raise
 
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:
@@ -1912,9 +1975,9 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
-    diverged, 2 bad input or an unusable run folder, 74 a file not written, 130 or 143
-    interrupted by SIGINT or SIGTERM, 141 its output closed (continue with --resume); errors
-    are one line on stderr."""
+    diverged, 2 bad input or an unusable run folder, 74 a file or the output not written, 130
+    or 143 interrupted by SIGINT or SIGTERM, 141 its output closed (continue with --resume);
+    errors are one line on stderr."""
     args, running, previous = _build_parser().parse_args(argv), [True], {}
     if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -1957,12 +2020,18 @@ def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int
         name = str(e) or "SIGINT"
         return _fail(args, f"interrupted by {name}{getattr(e, 'kept', '')}",
                      143 if name == "SIGTERM" else 130)
-    except BrokenPipeError as e:  # the reader of the output ended (| head): stop as SIGPIPE would
+    except OSError as e:  # the output closed (| head: stop as SIGPIPE would), or not written
         try:  # what is left to print goes nowhere, and Python's flush at exit fails no more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
             pass
-        return _fail(args, f"stopped: its output was closed{getattr(e, 'kept', '')}", 141)
+        kept = getattr(e, "kept", "")
+        if isinstance(e, BrokenPipeError):
+            return _fail(args, f"stopped: its output was closed{kept}", 141)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):  # a full device
+            return _fail(args, f"error: cannot write {e.filename or 'its output'}: "
+                         f"{e.strerror}{kept}", 74)
+        return _fail(args, f"error: {type(e).__name__}: {e}{kept}", 74)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,33 +141,39 @@ def test_corrupt_image_names_the_file(png_root):
     assert "9999.png" in str(e.value)
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width`` x ``height`` pixels and holds none."""
-    import struct
-    import zlib
-
+def _png(width: int, height: int, rgb: np.ndarray | None = None) -> bytes:
+    """A PNG of ``width`` x ``height`` pixels: ``rgb``'s at 16 bits per channel (which PIL reads
+    but cannot write), or none at all (a header claiming that size)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
             ">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    rows = b"" if rgb is None else b"".join(b"\x00" + r.astype(">u2").tobytes() for r in rgb)
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+    pixels = chunk(b"IDAT", zlib.compress(rows)) if rows else b""
+    return b"\x89PNG\r\n\x1a\n" + header + pixels + chunk(b"IEND", b"")
 
 
 def test_an_image_claiming_a_huge_size_names_the_file(png_root):
-    (png_root / "test" / "dog" / "huge.png").write_bytes(_png_header(20000, 20000))
+    (png_root / "test" / "dog" / "huge.png").write_bytes(_png(20000, 20000))
     with pytest.raises(ValueError, match="huge.png"):
         helpers.load_cifar10(png_root)
 
 
-@pytest.mark.parametrize("kind", ["16-bit grey", "a text chunk too large to read"])
+@pytest.mark.parametrize("kind", ["16-bit grey", "16-bit colour",
+                                  "a text chunk too large to read"])
 def test_an_image_read_wrongly_or_not_at_all_names_the_file(png_root, kind):
-    """16-bit pixels came back clipped to 255 (nearly white), silently; a PNG whose text chunk
-    PIL will not inflate failed without naming the file."""
+    """16-bit pixels came back clipped to 255 (nearly white), silently, or (colour) read as
+    their high byte; a PNG whose text chunk PIL will not inflate failed without naming the
+    file."""
     path = sorted((png_root / "train" / "cat").iterdir())[0]
     grey = np.asarray(Image.open(path).convert("L"), np.uint16) * 257
     if kind == "16-bit grey":
         Image.fromarray(grey).save(path)
         assert Image.open(path).mode.startswith("I")
+        says = "8 bits per channel"
+    elif kind == "16-bit colour":
+        path.write_bytes(_png(32, 32, np.asarray(Image.open(path).convert("RGB"), np.uint16) * 257))
+        assert Image.open(path).mode == "RGB"  # what PIL makes of it
         says = "8 bits per channel"
     else:
         from PIL import PngImagePlugin

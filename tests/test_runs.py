@@ -407,9 +407,12 @@ def test_a_run_set_aside_by_an_older_version_is_kept_and_named(finished_run, dat
     assert snapshot(finished_run) == before
 
 
-def test_out_inside_the_images_read_as_data_is_refused_first(jpeg_root, tmp_path, capsys):
-    for out in (jpeg_root / "train" / "cat" / "run", jpeg_root / "test"):
-        code, _, err = cli(capsys, *train_args(jpeg_root, out, "--epochs", "1"))
+def test_out_inside_the_images_read_as_data_is_refused_first(jpeg_root, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.setenv("HOME", str(jpeg_root.parent))  # "~/jpeg" was read, but not checked
+    for data, out in ((jpeg_root, jpeg_root / "train" / "cat" / "run"),
+                      (jpeg_root, jpeg_root / "test"), ("~/jpeg", jpeg_root / "train")):
+        code, _, err = cli(capsys, *train_args(data, out, "--epochs", "1"))
         assert code == 2 and f"argument --out: {out} is inside" in one_line(err)
     assert not (jpeg_root / "train" / "cat" / "run").exists()
     code, _, err = cli(capsys, *train_args(jpeg_root, jpeg_root / "runs" / "r", "--epochs", "1"))
@@ -598,7 +601,10 @@ def test_a_signal_as_a_command_ends_is_no_traceback(sig, finished_run, data_dir,
 
 @pytest.mark.parametrize("edit", ["history not a list", "run not a dict", "a row missing",
                                   "a row twice", "momentum of another shape", "epoch infinite",
-                                  "epoch a tensor", "seed a tensor", "a row's loss a tensor"])
+                                  "epoch a tensor", "seed a tensor", "a row's loss a tensor",
+                                  "schedule shortened", "schedule without phases",
+                                  "momentum a string", "learning rate doubled",
+                                  "run nested too deeply"])
 def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir, capsys):
     """Loadable but inconsistent: refused, naming model.pt, before any training (and without
     --resume, the refusal names the partial run)."""
@@ -618,6 +624,15 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
         state["epoch"] = float("inf") if edit == "epoch infinite" else torch.tensor([1, 2])
     elif edit == "seed a tensor":
         state["run"]["seed"] = torch.tensor(0)
+    elif edit.startswith("schedule"):  # torch failed a step later, with a traceback
+        state["scheduler"].update({"total_steps": state["scheduler"]["last_epoch"]} if
+                                  edit.endswith("shortened") else {"_schedule_phases": []})
+    elif edit in ("momentum a string", "learning rate doubled"):  # a traceback; silently used
+        group = state["optimizer"]["param_groups"][0]
+        group.update(momentum="x") if edit.startswith("momentum") else group.update(
+            lr=2 * group["lr"])
+    elif edit == "run nested too deeply":  # 980 deep: read, then a recursion error later
+        state["run"]["data"] = json.loads("[" * 100 + "]" * 100)
     else:
         state["history"][0]["train_loss"] = torch.tensor([0.5, 0.5])
     torch.save(state, path)
@@ -722,7 +737,9 @@ def test_run_settings_of_the_wrong_kind_are_refused_in_one_line(partial_run, dat
                        (json.dumps(dict(json.loads(config), workers=-1)), ": bad workers"),
                        (json.dumps(dict(json.loads(config), threads=2 ** 40)), ": bad threads"),
                        (json.dumps(dict(json.loads(config), workers=65)), ": bad workers"),
-                       ("[" * 100_000 + "]" * 100_000, " (maximum recursion")):
+                       ("[" * 100_000 + "]" * 100_000, " (maximum recursion"),
+                       (json.dumps(dict(json.loads(config), data="X")).replace(
+                           '"X"', "[" * 100 + "]" * 100), " (nested too deeply)")):
         (partial_run / "config.json").write_text(text)
         before = snapshot(partial_run)
         code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
@@ -730,18 +747,55 @@ def test_run_settings_of_the_wrong_kind_are_refused_in_one_line(partial_run, dat
         assert snapshot(partial_run) == before
 
 
-def test_a_folder_in_place_of_the_checkpoint_is_one_line(partial_run, data_dir, capsys):
-    (partial_run / "model.pt").unlink()
-    (partial_run / "model.pt").mkdir()
-    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
-    assert code == 2 and "model.pt is a folder" in one_line(err)
+@pytest.mark.parametrize("name", ["config.json", "log.jsonl", "model.pt", "weights.pt",
+                                  "summary.json"])
+def test_a_folder_in_place_of_a_run_file_is_refused_and_kept(name, finished_run, data_dir,
+                                                               capsys):
+    """A folder of the user's (here another run) at a run file's name: --overwrite moved it
+    aside with the run and deleted it; --resume said to pass --overwrite."""
+    (finished_run / name).unlink()
+    (finished_run / name / "run").mkdir(parents=True)
+    (finished_run / name / "run" / "weights.pt").write_bytes(b"another run's weights")
+    before = snapshot(finished_run)
+    for extra in (["--resume"], ["--overwrite"], []):
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", *extra))
+        assert code == 2 and f"{name} is a folder, not a file of a run" in one_line(err)
+        assert snapshot(finished_run) == before
 
 
-def test_a_folder_in_place_of_the_log_is_one_line(finished_run, data_dir, capsys):
-    (finished_run / "log.jsonl").unlink()
-    (finished_run / "log.jsonl").mkdir()
+def test_files_named_as_temp_files_that_are_not_ours_are_kept(finished_run, data_dir, capsys):
+    """Only a killed writer's NAME.PID.tmp files are removed: a folder so named was a
+    traceback (and left an --overwrite's old run set aside), a user's file was deleted."""
+    (finished_run / "config.json.x.tmp").mkdir()
+    (finished_run / "log.jsonl.notes.tmp").write_text("mine")
+    (finished_run / "model.pt.123.tmp").mkdir()
     code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
-    assert code == 74 and "cannot write" in one_line(err) and "log.jsonl" in one_line(err)
+    assert code == 0, err
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "2", "--seed",
+                                           "1", "--overwrite"))
+    assert code == 0, err
+    assert json.loads((finished_run / "config.json").read_text())["seed"] == 1
+    assert (finished_run / "log.jsonl.notes.tmp").read_text() == "mine"
+    assert (finished_run / "config.json.x.tmp").is_dir() and not (finished_run / ".replaced"
+                                                                   ).exists()
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(finished_run, data_dir,
+                                                                    tmp_path, capsys):
+    """The lock was opened through the link and truncated: another run's weights lost."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".lock").symlink_to(finished_run / "weights.pt")
+    before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "new", "--epochs", "1"))
+    assert code == 2 and ".lock is a link" in one_line(err) and snapshot(finished_run) == before
+
+
+def test_a_refused_out_through_dot_dot_keeps_the_users_folder(tmp_path, capsys):
+    """new/../mine: "new" was counted as made, then "mine" (the user's, empty) removed."""
+    (tmp_path / "mine").mkdir()
+    code, _, err = cli(capsys, *train_args(tmp_path / "absent", tmp_path / "new" / ".." / "mine"))
+    assert code == 2 and "No CIFAR-10 data" in one_line(err)
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "new").exists()
 
 
 def test_a_checkpoint_of_another_run_is_refused(data_dir, tmp_path, capsys, monkeypatch):
@@ -846,6 +900,21 @@ def test_a_write_failure_is_one_line_and_keeps_the_last_good_checkpoint(partial_
     assert not list(partial_run.glob("*.tmp")) and not (partial_run / "summary.json").exists()
     res = _run(*train_args(data_dir, partial_run, "--resume"))  # with room again: it finishes
     assert res.returncode == 0 and len(rows(partial_run)) == 3
+
+
+def test_a_file_size_limit_or_a_full_output_is_one_line(data_dir, tmp_path, finished_run):
+    """Writing the PID into .lock under a limit of 0 bytes, or printing to a full device, was a
+    traceback."""
+    res = _run(*train_args(data_dir, tmp_path / "run"), preexec_fn=_limited(0))
+    assert res.returncode == 2 and ".lock: File too large" in one_line(res.stderr)
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(helpers_cmd(*train_args(data_dir, finished_run, "--epochs", "1",
+                                                     "--resume")),
+                             env=env(), stdout=full, stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 74 and "cannot write its output: No space left on device" in \
+        one_line(res.stderr) and f"the run in {finished_run} is finished" in res.stderr
 
 
 @pytest.mark.parametrize("fail_at", [1, 3])

@@ -516,6 +516,12 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
         (png_root / split / "cat").rename(png_root / split / "kitten")
     code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)
     assert code == 2 and "trained on the classes" in one_line(err) and "kitten" in err
+    for classes in ([1, 2, 3], [None] * 10, 5):  # a crafted file: a TypeError, with a traceback
+        helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
+                             dict(recipe=asdict(recipe), classes=classes))
+        code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir",
+                           png_root)
+        assert code == 2 and "classes are not a list of names" in one_line(err)
 
 
 def test_val_fraction_holds_out_training_images(tmp_path, png_root, capsys):
