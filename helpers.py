@@ -198,6 +198,9 @@ def _read_pickle(path: Path, read: Callable[[dict], Any]) -> Any:
 
 def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+    if x.ndim != 2 or x.shape[1] != 3072:  # another layout would be read scrambled
+        raise ValueError(f"its data is {x.shape}, not rows of 3072 values (1024 red, green, "
+                         "blue)")
     if x.dtype.kind not in "iu" or (x.size and not 0 <= x.min() <= x.max() <= 255):
         raise ValueError(f"its pixel values are not integers in 0..255 ({x.dtype})")
     if y.dtype.kind not in "iu" or (y.size and not 0 <= y.min() <= y.max() < 2 ** 31):
@@ -209,6 +212,8 @@ def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_batches(folder: Path) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder."""
+    _refuse_one_file_twice([folder / f"data_batch_{i}" for i in range(1, 6)] +
+                           [folder / "test_batch"], lambda p: p.name)
     arrays = []
     for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
         x, y = zip(*(_read_pickle(folder / name, _batch) for name in names))
@@ -218,24 +223,38 @@ def _load_batches(folder: Path) -> CifarData:
         classes = _read_pickle(meta, lambda d: tuple(n.decode() for n in d[b"label_names"]))
     return CifarData(*arrays, classes, f"batches folder {folder.name}")
 
+def _refuse_one_file_twice(paths: Sequence[Path], part: Callable[[Path], Any]) -> None:
+    """Refuse two of ``paths`` in different parts (``part``: a split, or a split and class)
+    that are one file (a link, symbolic or hard): labels or splits would mix."""
+    seen: dict[tuple[int, int], Path] = {}
+    for p in paths:
+        st = p.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if part(first) != part(p):
+            raise ValueError(f"{p} and {first} are one file (a link): labels or splits would "
+                             "mix")
+
 def _visible(folder: Path) -> list[Path]:
     """Entries of ``folder`` whose names do not start with "." (.ipynb_checkpoints, ._x.jpg)."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 def _read_image(path: Path) -> np.ndarray:
     """Decode one 32x32 RGB image, naming the file if it is corrupt or wrongly sized."""
+    import warnings
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
-            stored = im.tile[0].args if im.tile else ""  # as the file holds it: "RGB;16B", ...
-            mode = stored if ";16" in str(stored) else im.mode
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # raised, not printed
+            with Image.open(path) as im:  # as the file holds it: "RGB;16B", ("I;16", ...), ...
+                wide = ";16" in str(im.tile[0].args if im.tile else "")
+                mode, arr = im.mode, np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError,
-            Image.DecompressionBombError) as e:
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
-    if mode in ("I", "F") or ";16" in mode or mode.startswith("I;"):  # 16-bit or float:
-        # convert() clips grey at 255, and keeps only the high byte of 16-bit colour
-        raise ValueError(f"Image {path} has {mode} pixels: save it with 8 bits per channel")
+    if wide or mode in ("I", "F") or mode.startswith("I;"):  # 16-bit or float: convert()
+        # clips grey at 255, and keeps only the high byte of 16-bit colour
+        raise ValueError(f"Image {path} has {'16-bit ' * wide}{mode} pixels: save it with 8 "
+                         "bits per channel")
     if arr.shape != (32, 32, 3):
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
     return arr
@@ -261,13 +280,12 @@ def _load_image_folder(root: Path) -> CifarData:
     files = {split: [(p, label) for label, name in enumerate(classes)
                      for p in _visible(root / split / name)] for split in found}
     for p, _ in files["train"] + files["test"]:
-        if p.is_dir() or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            what = "a folder inside a class folder" if p.is_dir() else "not a PNG or JPEG file"
+        if not p.is_file() or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            what = ("a folder inside a class folder" if p.is_dir() else "not a file" if not
+                    p.is_file() else "not a PNG or JPEG file")  # not a file: a pipe would hang
             raise ValueError(f"{p} is {what}, so it would not be read: move, convert or remove it")
-        if p.is_symlink() and p.resolve().parent in resolved and \
-                p.resolve().parent != p.parent.resolve():
-            raise ValueError(f"{p} is a link to {p.resolve()}, an image of another class folder "
-                             "or split: labels or splits would mix")
+    _refuse_one_file_twice([p for split in files.values() for p, _ in split],
+                           lambda p: p.parent.parent.name + "/" + p.parent.name)
     arrays = []
     for split in ("train", "test"):
         images = [_read_image(p) for p, _ in files[split]]
@@ -1412,6 +1430,9 @@ def _pipeline(recipe: Recipe, data: CifarData, x_y: tuple, device: torch.device,
     """The recipe's training loader, evaluation batches, model and normalisation from ``x_y``."""
     x_tr, y_tr, x_ev, y_ev = x_y
     mean, std = compute_mean_std(x_tr)
+    if min(std) == 0:  # normalising would divide by 0: nan, as if training diverged
+        raise UsageError(f"the training images of {data.source} do not vary in channel "
+                         f"{'RGB'[std.index(0)]}: they cannot be normalised")
     augment = EpochAugment(exercise_augmentations(mean, recipe.p_flip, recipe.p_affine,
                                                   recipe.p_dropout, seed=seed), seed)
     loader, batches = make_loaders(CifarDataset(x_tr, y_tr, augment), CifarDataset(x_ev, y_ev),
@@ -1656,6 +1677,7 @@ _RUN_FILES = ("config.json", "log.jsonl", "model.pt", "weights.pt", "summary.jso
 _SAME = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "workers", "data",
          "classes", "train_images", "eval_split", "eval_images", "mean", "std")
 _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, not a refusal
+_LATER = ("images_sha256",)  # as _SAME, where the run recorded it (runs before it did not)
 
 _COUNTS = {"threads": (1, 1024), "workers": (0, 64)}  # run settings that are counts: their range
 
@@ -1725,8 +1747,9 @@ class _RunFolder:
                 raise UsageError(f"argument --out: {lock} is a link: move it away")
             self.lock = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(
                 os, "O_NOFOLLOW", 0)), "r+")
-        except OSError as e:
-            raise UsageError(f"argument --out: cannot write to {self.out}: {e.strerror}") from None
+        except OSError as e:  # (a pipe in its place: no reason given)
+            raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
+                             ) from None
         try:
             import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
             fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
@@ -1820,28 +1843,33 @@ class _RunFolder:
                              "--overwrite to replace it, or choose another --out")
         config = _with_defaults(_read_json(self.out / "config.json", _SAME + _NOTES))
         if finished:
-            summary = _read_json(self.out / "summary.json", [f"final_{config['eval_split']}_acc"])
-            state = _read_checkpoint(self.out / "model.pt")
-            try:
-                agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
-                    state["run"], {k: config[k] for k in ("recipe", "seed")}) and \
-                    state["history"][-1]["eval_acc"] == summary[f"final_{config['eval_split']}_acc"]
-            except (KeyError, IndexError, TypeError, AttributeError):
-                agree = False
-            if not agree:
-                raise UsageError(f"{self.out}/summary.json does not agree with model.pt: pass "
-                                 "--overwrite to start again")
-            for name in _RUN_FILES:  # nothing more is written: a killed writer's temp files go
-                _remove_temps(self.out / name)
-            self.write_log(state["history"])  # rebuilt if deleted or edited
-            if not (self.out / "weights.pt").exists():
-                save_checkpoint(self.out / "weights.pt", dict(
-                    model=state["model"], run=summary, history=state["history"]))
-        elif (self.out / "model.pt").is_dir():
-            raise CheckpointError(f"{self.out}/model.pt is a folder, not a checkpoint")
+            self._check_finished(config)
         elif (self.out / "model.pt").exists():
             print(f"--resume: continuing {self.out}: {self._checkpoint_note()}")
         return dict(config, finished=finished)
+
+    def _check_finished(self, config: dict) -> None:
+        """Refuse a finished run whose files disagree; write a deleted weights.pt or a cut or
+        edited log.jsonl again from model.pt."""
+        split, same = config["eval_split"], _SAME + tuple(k for k in _LATER if k in config)
+        summary = _read_json(self.out / "summary.json", [f"final_{split}_acc"])
+        state = _read_checkpoint(self.out / "model.pt")
+        try:  # summary.json's settings become weights.pt's: they must be the run's
+            agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
+                state["run"], {k: config[k] for k in ("recipe", "seed")}) and not _differences(
+                _with_defaults(summary), {k: config[k] for k in same}) and \
+                state["history"][-1]["eval_acc"] == summary[f"final_{split}_acc"]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            agree = False
+        if not agree:
+            raise UsageError(f"{self.out}/summary.json does not agree with model.pt and "
+                             "config.json: pass --overwrite to start again")
+        for name in _RUN_FILES:  # nothing more is written: a killed writer's temp files go
+            _remove_temps(self.out / name)
+        self.write_log(state["history"])  # rebuilt if deleted or edited
+        if not (self.out / "weights.pt").exists():
+            save_checkpoint(self.out / "weights.pt", dict(
+                model=state["model"], run=summary, history=state["history"]))
 
     def write_log(self, history: list[dict]) -> None:
         """log.jsonl: one JSON row per epoch of ``history`` (unless it holds just that)."""
@@ -1855,7 +1883,8 @@ class _RunFolder:
 
     def refuse_changes(self, prev: dict | None, new: dict) -> None:
         """Refuse to resume ``prev`` with other settings, naming each; note what may differ."""
-        for keys, refuse in ((_SAME, True), (_NOTES, False)):
+        later = [k for k in _LATER if k in (prev or {})]
+        for keys, refuse in ((_SAME + tuple(later), True), (_NOTES, False)):
             diffs = _differences({k: (prev or {}).get(k) for k in keys},
                                  {k: new[k] for k in keys if k in new}) if prev else []
             if diffs and refuse:
@@ -1907,6 +1936,15 @@ class _RunFolder:
         print(json.dumps(summary))
         return history
 
+def _sha256(arrays: Sequence[np.ndarray]) -> str:
+    """A fingerprint of the images and labels a run trains and scores on."""
+    import hashlib
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
 def _split_data(args: argparse.Namespace, data: CifarData) -> tuple[tuple, str]:
     """(train images, labels, evaluation images, labels) and the evaluated split's name."""
     for name, n, have in (("train", args.train_subset, len(data.x_train)),
@@ -1930,7 +1968,10 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     if args.val_fraction and args.test_subset is not None:
         raise UsageError("argument --test-subset: not allowed with --val-fraction (the test "
                          "set is not used when tuning)")
-    layout, out = _find_layout(Path(args.data_dir)), Path(os.path.realpath(args.out))
+    try:
+        layout, out = _find_layout(Path(args.data_dir)), Path(os.path.realpath(args.out))
+    except OSError as e:  # a name too long: bad input, as _read_data says of it
+        raise UsageError(f"argument --data-dir: {e.strerror}: {args.data_dir}") from None
     if layout and layout[0] is _load_image_folder and any(  # realpath: no error on a loop
             out.is_relative_to(os.path.realpath(layout[1] / s)) for s in ("train", "test")):
         raise UsageError(f"argument --out: {args.out} is inside {args.data_dir}'s train/ or "
@@ -1954,7 +1995,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
             loader, batches, model, norm = _pipeline(recipe, data, x_y, device, workers, args.seed)
             meta = dict(options, workers=loader.num_workers, data=data.source,
                         classes=list(data.classes), train_images=len(x_y[0]), eval_split=split,
-                        eval_images=len(x_y[2]), **norm, recipe_name=args.recipe,
+                        eval_images=len(x_y[2]), images_sha256=_sha256(x_y), **norm,
+                        recipe_name=args.recipe,
                         device=str(device), threads=torch.get_num_threads(),
                         params=count_parameters(model), macs=count_macs(model),
                         versions=dict(torch=torch.__version__, numpy=np.__version__))
@@ -1994,7 +2036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         running.clear()  # a signal from here on ends nothing: the command has ended
         for sig, handler in previous.items():
             if handler is not None:  # None: set outside Python, and not ours to put back
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_IGN if handler is _interrupted_early else handler)
 
 def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int:
     """Run the command with ``handler`` for SIGTERM and SIGINT (the old ones into

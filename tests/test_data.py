@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -153,13 +155,17 @@ def _png(width: int, height: int, rgb: np.ndarray | None = None) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + header + pixels + chunk(b"IEND", b"")
 
 
-def test_an_image_claiming_a_huge_size_names_the_file(png_root):
-    (png_root / "test" / "dog" / "huge.png").write_bytes(_png(20000, 20000))
-    with pytest.raises(ValueError, match="huge.png"):
-        helpers.load_cifar10(png_root)
+@pytest.mark.parametrize("side", [20000, 10000])
+def test_an_image_claiming_a_huge_size_names_the_file(png_root, side):
+    """Over PIL's limit: an error; up to twice it, a warning printed beside the refusal."""
+    (png_root / "test" / "dog" / "huge.png").write_bytes(_png(side, side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape
+        with pytest.raises(ValueError, match="huge.png"):
+            helpers.load_cifar10(png_root)
 
 
-@pytest.mark.parametrize("kind", ["16-bit grey", "16-bit colour",
+@pytest.mark.parametrize("kind", ["16-bit grey", "16-bit colour", "16-bit grey TIFF",
                                   "a text chunk too large to read"])
 def test_an_image_read_wrongly_or_not_at_all_names_the_file(png_root, kind):
     """16-bit pixels came back clipped to 255 (nearly white), silently, or (colour) read as
@@ -170,6 +176,9 @@ def test_an_image_read_wrongly_or_not_at_all_names_the_file(png_root, kind):
     if kind == "16-bit grey":
         Image.fromarray(grey).save(path)
         assert Image.open(path).mode.startswith("I")
+        says = "8 bits per channel"
+    elif kind == "16-bit grey TIFF":  # PIL's note of how it is stored is a tuple: a traceback
+        Image.fromarray(grey).save(path, format="TIFF")
         says = "8 bits per channel"
     elif kind == "16-bit colour":
         path.write_bytes(_png(32, 32, np.asarray(Image.open(path).convert("RGB"), np.uint16) * 257))
@@ -185,16 +194,48 @@ def test_an_image_read_wrongly_or_not_at_all_names_the_file(png_root, kind):
 
 
 @pytest.mark.parametrize("folder", ["test/dog", "train/dog"])
-def test_an_image_linked_from_another_class_or_split_is_refused(png_root, tmp_path, folder):
-    """A test image linked into train/ trained on the test set; one of another class, twice."""
+@pytest.mark.parametrize("kind", ["symbolic", "hard"])
+def test_an_image_linked_from_another_class_or_split_is_refused(png_root, tmp_path, folder,
+                                                                 kind):
+    """A test image linked into train/ trained on the test set; one of another class, twice
+    (a hard link was not noticed)."""
     target, link = sorted((png_root / folder).iterdir())[0], png_root / "train/cat/linked.png"
-    link.symlink_to(target)
+    link.symlink_to(target) if kind == "symbolic" else os.link(target, link)
     _refused(png_root, [str(link), "labels or splits would mix"])
     link.unlink()  # a link within its own class folder, or to outside the data, reads as is
     link.symlink_to(sorted((png_root / "train" / "cat").iterdir())[0])
     shutil.copy(target, tmp_path / "outside.png")
     (png_root / "train" / "cat" / "outside.png").symlink_to(tmp_path / "outside.png")
     assert len(helpers.load_cifar10(png_root).x_train) == 3 * len(CLASSES) + 2  # both read
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "hard"])
+def test_a_batch_file_that_is_another_one_is_refused(batches_root, kind):
+    """data_batch_3 as a link to test_batch trained on the test images, without a word."""
+    folder = batches_root / "cifar-10-batches-py"
+    (folder / "data_batch_3").unlink()
+    (folder / "data_batch_3").symlink_to("test_batch") if kind == "symbolic" else os.link(
+        folder / "test_batch", folder / "data_batch_3")
+    _refused(batches_root, ["data_batch_3", "test_batch", "labels or splits would mix"])
+
+
+def test_a_batch_of_images_in_another_layout_is_refused(batches_root):
+    """(N, 32, 32, 3) images were reshaped to (N, 3, 32, 32): red ones came back grey."""
+    path = batches_root / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 32, 32, 3), np.uint8), b"labels": [0, 1]}, f)
+    _refused(batches_root, ["data_batch_2", "rows of 3072 values"])
+
+
+def test_a_pipe_among_the_images_is_refused_not_waited_on(png_root):
+    """A named pipe called x.png: reading it waited for a writer forever."""
+    os.mkfifo(png_root / "train" / "cat" / "x.png")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("load_cifar10 waited on the pipe"))
+    signal.alarm(60)
+    try:
+        _refused(png_root, ["x.png", "not a file"])
+    finally:
+        signal.alarm(0)
 
 
 def test_batch_values_out_of_range_name_the_file(batches_root):

@@ -23,7 +23,7 @@ import torch
 
 import helpers
 from conftest import (TINY, cli, env, helpers_cmd, make_arrays, one_line, rows, snapshot,
-                      tiny_loaders, train_args, write_image_folder)
+                      tiny_loaders, train_args, write_batches, write_image_folder)
 
 # Runs helpers.main in a subprocess and parks it, writing OUT/paused, at a chosen moment:
 # "first": in the first training batch of the run;
@@ -647,7 +647,8 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
 def _flip_a_byte_of_a_tensor(path: Path) -> None:
     """One bit of a tensor's bytes inverted in torch's zip file, which torch.load still reads."""
     with zipfile.ZipFile(path) as z:
-        member = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's bytes
+        member = max((i for i in z.infolist() if "/data/" in i.filename),  # tensors' bytes
+                     key=lambda i: i.file_size)  # the largest
     data = bytearray(path.read_bytes())
     at = member.header_offset  # the local header: 30 bytes, the name, the extra field
     start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(
@@ -873,9 +874,60 @@ def test_config_records_what_changes_results(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     for key in ("recipe", "recipe_name", "seed", "workers", "threads", "device", "data",
                 "classes", "train_images", "eval_images", "eval_split", "train_subset",
-                "test_subset", "val_fraction", "mean", "std", "versions"):
+                "test_subset", "val_fraction", "mean", "std", "images_sha256", "versions"):
         assert key in config, key
     assert config["workers"] == 0
+
+
+def test_resume_on_other_images_is_refused(data_dir, tmp_path, capsys, monkeypatch):
+    """New test images, or two classes' images swapped, of the same counts (and, by chance or
+    design, the same mean): resumed without a word, the history mixed two data sets."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = _interrupted(data, tmp_path / "run", capsys, monkeypatch)
+    before = snapshot(out)
+    x, y = make_arrays(2, 7)  # another test set of the same size
+    write_batches(data / "cifar-10-batches-py", *make_arrays(3, 1), x, y)
+    code, _, err = cli(capsys, *train_args(data, out, "--resume"))
+    assert code == 2 and "images_sha256" in one_line(err) and snapshot(out) == before
+    config = json.loads((out / "config.json").read_text())
+    del config["images_sha256"]  # a run made before the fingerprint was recorded: resumed
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = cli(capsys, *train_args(data, out, "--resume"))
+    assert code == 0, err
+
+
+def test_a_summary_edited_is_not_written_into_the_weights(finished_run, data_dir, capsys):
+    """summary.json's settings (another activation, seed) went into a rebuilt weights.pt."""
+    summary = json.loads((finished_run / "summary.json").read_text())
+    summary["recipe"]["act"], summary["seed"] = "relu", 7
+    (finished_run / "summary.json").write_text(json.dumps(summary))
+    (finished_run / "weights.pt").unlink()
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and "summary.json does not agree" in one_line(err)
+    assert not (finished_run / "weights.pt").exists()
+
+
+def test_images_that_cannot_be_normalised_are_bad_input(tmp_path, capsys):
+    """A channel that never varies (std 0) gave nan, reported as divergence (status 1)."""
+    x, y = make_arrays(3, 1)
+    x[..., 2] = 0
+    write_batches(tmp_path / "data" / "cifar-10-batches-py", x, y, *make_arrays(2, 2))
+    code, _, err = cli(capsys, *train_args(tmp_path / "data", tmp_path / "run"))
+    assert code == 2 and "do not vary in channel B" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_after_the_command_changes_nothing(finished_run, data_dir, capsys):
+    """``python helpers.py`` stops at once on a signal while torch loads; once the command had
+    ended that handler came back, and a signal then ended a finished command with 143."""
+    old = signal.signal(signal.SIGTERM, helpers._interrupted_early)  # as the script sets it
+    try:
+        code, _, err = cli(capsys, "evaluate", "--weights", finished_run / "weights.pt",
+                           "--data-dir", data_dir)
+        assert code == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, err
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_out_that_is_a_file_or_cannot_be_made_is_refused_before_reading(tmp_path, capsys):
@@ -953,6 +1005,8 @@ def test_an_unwritable_overwrite_target_is_one_line(finished_run, data_dir, caps
 def test_names_too_long_are_one_line(data_dir, tmp_path, capsys):
     long = tmp_path / ("a" * 300)
     code, _, err = cli(capsys, *train_args(data_dir, long))
+    assert code == 2 and "too long" in one_line(err)
+    code, _, err = cli(capsys, *train_args(long, tmp_path / "run"))  # was 74, "not written"
     assert code == 2 and "too long" in one_line(err)
     code, _, err = cli(capsys, "evaluate", "--weights", long, "--data-dir", data_dir)
     assert code == 2 and "too long" in one_line(err)
