@@ -1171,6 +1171,16 @@ def _settings_after(t: Training, steps: int) -> list:
             t.scheduler.step()  # computes the rate and momentum of step ``steps``
     return _settings(t)
 
+def _same_settings(got: list, expected: list) -> bool:
+    """Whether ``got`` holds every setting of ``expected`` at its value (a key that only ``got``
+    holds, as one saved by another version of torch, is not compared)."""
+    pairs = list(zip(got[0], expected[0])) + [(got[1] or {}, expected[1] or {})]
+    try:
+        return len(got[0]) == len(expected[0]) and all(
+            _plain({k: g.get(k) for k in want}) == _plain(want) for g, want in pairs)
+    except (TypeError, ValueError):  # a tensor or an object among them
+        return False
+
 def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     """Load what the checkpoint at ``path`` holds into ``t``; return its history."""
     state = _read_checkpoint(path)
@@ -1197,11 +1207,7 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     if epochs != list(range(1, len(epochs) + 1)) or state.get("epoch") != len(epochs) or \
             steps != len(epochs) * run["steps_per_epoch"]:
         raise CheckpointError(f"{path} is damaged: its history, epoch and schedule disagree")
-    try:  # a value that torch would fail on, or silently train with
-        same = _plain(_settings(t)) == _plain(expected)
-    except (TypeError, ValueError):  # a tensor or an object among them
-        same = False
-    if not same:
+    if not _same_settings(_settings(t), expected):  # what torch would fail on, or train with
         raise CheckpointError(f"{path} is damaged: its optimizer or schedule settings are not "
                               "those its recipe makes")
     return list(state["history"])

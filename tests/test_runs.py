@@ -644,6 +644,18 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
     assert snapshot(partial_run) == before
 
 
+def test_a_checkpoint_with_settings_another_torch_saves_resumes(partial_run, data_dir, capsys):
+    """A key this torch does not know, in the schedule's state and an optimizer group, as an
+    older or newer torch may save: not a reason to refuse (config.json notes the version)."""
+    path = partial_run / "model.pt"
+    state = torch.load(path, weights_only=True)
+    state["scheduler"]["_a_later_setting"] = 1
+    state["optimizer"]["param_groups"][0]["a_later_option"] = False
+    torch.save(state, path)
+    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+    assert code == 0, err
+
+
 def _flip_a_byte_of_a_tensor(path: Path) -> None:
     """One bit of a tensor's bytes inverted in torch's zip file, which torch.load still reads."""
     with zipfile.ZipFile(path) as z:
