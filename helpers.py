@@ -66,32 +66,41 @@ def _setting(default: Any, help: str, words: str, ok: Callable[[Any], bool],
 
 _PROBABILITY = ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
 
+def _finite(v: float) -> bool:
+    """Whether ``v`` is a finite float (an integer too large for one is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
 @dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of one training recipe; a bad value cannot be built."""
 
-    epochs: int = _setting(10, "passes over the training set", "an integer >= 1",
-                           lambda v: v >= 1, "N")
-    batch_size: int = _setting(128, "images per optimisation step", "an integer >= 1",
-                               lambda v: v >= 1, "N")
+    epochs: int = _setting(10, "passes over the training set", "an integer in [1, 10000]",
+                           lambda v: 1 <= v <= 10_000, "N")
+    batch_size: int = _setting(128, "images per optimisation step", "an integer in [1, 65536]",
+                               lambda v: 1 <= v <= 65_536, "N")
     lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule (SGD, Nesterov "
-                         "momentum cycled 0.95-0.85-0.95), per step", "a number > 0",
-                         lambda v: 0 < v < math.inf, "LR")
+                         "momentum cycled 0.95-0.85-0.95), per step", "a finite number > 0",
+                         lambda v: 0 < v and _finite(v), "LR")
     muon_lr: float = _setting(0.02, "peak learning rate of Muon for the dense conv weights (their "
                               "momentum, orthogonalised, is the step); 0: they keep SGD",
-                              "a number >= 0", lambda v: 0 <= v < math.inf, "LR")
+                              "a finite number >= 0", lambda v: 0 <= v and _finite(v), "LR")
     weight_decay: float = _setting(5e-4, "L2 penalty on conv and linear weights (not on "
-                                   "BatchNorm, biases or Muon's weights)", "a number >= 0",
-                                   lambda v: 0 <= v < math.inf, "WD")
+                                   "BatchNorm, biases or Muon's weights)",
+                                   "a finite number >= 0", lambda v: 0 <= v and _finite(v), "WD")
     label_smoothing: float = _setting(0.1, "share of each target spread over all classes",
                                       "a number in [0, 1)", lambda v: 0 <= v < 1, "S")
     pct_start: float = _setting(0.25, "share of all steps spent warming up", "a number in "
                                 "(0, 0.5]", lambda v: 0 < v <= 0.5, "F")
-    widths: tuple = _setting((32, 64, 96, 128), "channels of C1..C4", "four integers >= 1",
-                             lambda v: all(c >= 1 for c in v), ("C1", "C2", "C3", "C4"))
+    widths: tuple = _setting((32, 64, 96, 128), "channels of C1..C4",
+                             "four integers in [1, 4096]", lambda v: all(1 <= c <= 4096 for c in v),
+                             ("C1", "C2", "C3", "C4"))
     depths: tuple = _setting((1, 1, 1, 1), "residual blocks in C1..C4 (C2's first holds the "
-                             "dilated conv)", "four integers >= 0 with D2 >= 1",
-                             lambda v: min(v) >= 0 and v[1] >= 1, ("D1", "D2", "D3", "D4"))
+                             "dilated conv)", "four integers in [0, 64] with D2 >= 1",
+                             lambda v: 0 <= min(v) and max(v) <= 64 and v[1] >= 1,
+                             ("D1", "D2", "D3", "D4"))
     dilated_downs: int = _setting(0, "downsamplers that shrink the map with a dilated 3x3 "
                                   "kernel (dilation 2, no padding) instead of a stride: 1 for "
                                   "C4's, 2 for C3's and C4's (the exercise's extra credit)",
@@ -212,8 +221,11 @@ def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_batches(folder: Path) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder."""
-    _refuse_one_file_twice([folder / f"data_batch_{i}" for i in range(1, 6)] +
-                           [folder / "test_batch"], lambda p: p.name)
+    files = [folder / name for name in (*(f"data_batch_{i}" for i in range(1, 6)),
+                                        "test_batch", "batches.meta")]
+    for p in (p for p in files if (p.exists() or p.name != "batches.meta") and not p.is_file()):
+        raise ValueError(f"{p} is not a file, so it cannot be read")  # a pipe would hang
+    _refuse_one_file_twice(files[:6], lambda p: p.name)
     arrays = []
     for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
         x, y = zip(*(_read_pickle(folder / name, _batch) for name in names))
@@ -1212,10 +1224,25 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
                               "those its recipe makes")
     return list(state["history"])
 
+def _same_weights(path: Path, want: dict) -> bool:
+    """Whether the weights file at ``path`` reads and holds what ``want`` holds."""
+    try:
+        got = _read_checkpoint(path)
+    except CheckpointError:  # missing or damaged
+        return False
+    try:
+        same = got["model"].keys() == want["model"].keys() and all(
+            torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    except (TypeError, RuntimeError):  # not a tensor where one belongs
+        return False
+    return same and _plain([got.get("run"), got.get("history")]) == _plain(
+        [want["run"], want["history"]])
+
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
                  history: Sequence[dict] = ()) -> None:
     """Save the weights with ``run`` (its "recipe", data, normalisation) and ``history``."""
-    save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run), history=list(history)))
+    save_checkpoint(path, dict(model=model.state_dict(), run=_plain(run),
+                               history=_plain(list(history))))  # numpy floats as floats
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Net, dict]:
     """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds."""
@@ -1478,7 +1505,7 @@ def bench(data: CifarData, recipe: Recipe | str = "standard", device: torch.devi
     device = torch.device(device) if device is not None else get_device(verbose=False)
     loader, test, model, _ = _pipeline(recipe, data, (data.x_train, data.y_train, data.x_test,
                                                       data.y_test), device, workers, 0)
-    t = start_training(model, replace(recipe, epochs=10 ** 6), len(loader))  # never runs out
+    t = start_training(model, replace(recipe, epochs=10_000), 1000 * len(loader))  # no end
     g, n = torch.Generator().manual_seed(0), recipe.batch_size
     fake = _cycle([(torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
                     .to(device), torch.randint(0, len(data.classes), (n,), generator=g)
@@ -1796,14 +1823,14 @@ class _RunFolder:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.aside.exists():
             self._restore()
-        self.lock.close()
         if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
             (self.out / ".lock").unlink()  # refused before anything was written: as it was
-            for folder in self.created:
+            for folder in self.created:  # (still locked: no other command is using them)
                 try:
                     os.rmdir(folder)
                 except OSError:  # not empty: something else wrote there
                     break
+        self.lock.close()
 
     def _restore(self) -> None:
         (self.aside / ".restoring").touch()  # if stopped again, the next command goes on
@@ -1873,9 +1900,9 @@ class _RunFolder:
         for name in _RUN_FILES:  # nothing more is written: a killed writer's temp files go
             _remove_temps(self.out / name)
         self.write_log(state["history"])  # rebuilt if deleted or edited
-        if not (self.out / "weights.pt").exists():
-            save_checkpoint(self.out / "weights.pt", dict(
-                model=state["model"], run=summary, history=state["history"]))
+        weights = dict(model=state["model"], run=summary, history=state["history"])
+        if not _same_weights(self.out / "weights.pt", weights):  # rebuilt if deleted, damaged
+            save_checkpoint(self.out / "weights.pt", weights)  # or edited
 
     def write_log(self, history: list[dict]) -> None:
         """log.jsonl: one JSON row per epoch of ``history`` (unless it holds just that)."""
@@ -2002,14 +2029,15 @@ def run_training(args: argparse.Namespace) -> list[dict]:
             meta = dict(options, workers=loader.num_workers, data=data.source,
                         classes=list(data.classes), train_images=len(x_y[0]), eval_split=split,
                         eval_images=len(x_y[2]), images_sha256=_sha256(x_y), **norm,
-                        recipe_name=args.recipe,
-                        device=str(device), threads=torch.get_num_threads(),
-                        params=count_parameters(model), macs=count_macs(model),
+                        recipe_name=args.recipe, device=str(device), params=count_parameters(
+                            model), macs=count_macs(model), threads=torch.get_num_threads(),
                         versions=dict(torch=torch.__version__, numpy=np.__version__))
             folder.refuse_changes(prev, meta)
             print(json.dumps(meta))
+            if meta["params"] >= 200_000:
+                print(f"note: {meta['params']:,} parameters, over the exercise's 200,000")
             return folder.train(args, model, recipe, loader, batches, meta)
-        except (KeyboardInterrupt, OSError) as e:  # a signal, or output that cannot be written
+        except (KeyboardInterrupt, OSError, MemoryError, RuntimeError) as e:  # say what is kept
             e.kept = (f": {folder.out}/model.pt keeps epoch {folder.epoch}; continue with "
                       "--resume" if folder.epoch else f": the run in {folder.out} is finished"
                       if prev and prev["finished"] else f": no epoch of {folder.out} finished")
@@ -2023,9 +2051,9 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
-    diverged, 2 bad input or an unusable run folder, 74 a file or the output not written, 130
-    or 143 interrupted by SIGINT or SIGTERM, 141 its output closed (continue with --resume);
-    errors are one line on stderr."""
+    diverged or out of memory, 2 bad input or an unusable run folder, 74 a file or the output
+    not written, 130 or 143 interrupted by SIGINT or SIGTERM, 141 its output closed (continue
+    with --resume); errors are one line on stderr."""
     args, running, previous = _build_parser().parse_args(argv), [True], {}
     if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -2064,6 +2092,11 @@ def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int
                      "normalisation", 1)
     except WriteError as e:
         return _fail(args, f"error: {e}", 74)
+    except (MemoryError, RuntimeError) as e:  # torch's out of memory is a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e):
+            raise  # a fault of the program: its traceback is what to report
+        return _fail(args, f"stopped: out of memory ({str(e).strip()[:200]}); lower "
+                     f"--batch-size or --widths{getattr(e, 'kept', '')}", 1)
     except KeyboardInterrupt as e:
         name = str(e) or "SIGINT"
         return _fail(args, f"interrupted by {name}{getattr(e, 'kept', '')}",

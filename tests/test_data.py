@@ -227,13 +227,18 @@ def test_a_batch_of_images_in_another_layout_is_refused(batches_root):
     _refused(batches_root, ["data_batch_2", "rows of 3072 values"])
 
 
-def test_a_pipe_among_the_images_is_refused_not_waited_on(png_root):
-    """A named pipe called x.png: reading it waited for a writer forever."""
-    os.mkfifo(png_root / "train" / "cat" / "x.png")
+@pytest.mark.parametrize("name", ["train/cat/x.png", "cifar-10-batches-py/data_batch_3",
+                                  "cifar-10-batches-py/batches.meta"])
+def test_a_pipe_among_the_images_is_refused_not_waited_on(png_root, batches_root, name):
+    """A named pipe called x.png, data_batch_3 or batches.meta: reading it waited for a writer
+    forever."""
+    root = png_root if name.startswith("train") else batches_root
+    (root / name).unlink(missing_ok=True)
+    os.mkfifo(root / name)
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("load_cifar10 waited on the pipe"))
     signal.alarm(60)
     try:
-        _refused(png_root, ["x.png", "not a file"])
+        _refused(root, [name.split("/")[-1], "not a file"])
     finally:
         signal.alarm(0)
 

@@ -83,7 +83,7 @@ def test_net_without_c2_blocks_has_no_dilated_conv_and_fails_that_rule():
 def test_recipe_refuses_the_d2_that_net_allows():
     with pytest.raises(ValueError) as e:
         helpers.Recipe(depths=(1, 0, 1, 1))
-    assert str(e.value) == ("Recipe.depths: expected four integers >= 0 with D2 >= 1, "
+    assert str(e.value) == ("Recipe.depths: expected four integers in [0, 64] with D2 >= 1, "
                             "got (1, 0, 1, 1)")
 
 

@@ -909,6 +909,40 @@ def test_resume_on_other_images_is_refused(data_dir, tmp_path, capsys, monkeypat
     assert code == 0, err
 
 
+@pytest.mark.parametrize("damage", ["cut", "other weights"])
+def test_resume_of_a_finished_run_writes_damaged_weights_again(damage, finished_run, data_dir,
+                                                                capsys):
+    """A cut weights.pt, or one with other tensors, was kept: "finished: nothing to do"."""
+    good = (finished_run / "weights.pt").read_bytes()
+    if damage == "cut":
+        (finished_run / "weights.pt").write_bytes(good[:1000])
+    else:
+        state = torch.load(finished_run / "weights.pt", weights_only=True)
+        state["model"]["out.1.bias"] += 1
+        torch.save(state, finished_run / "weights.pt")
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 0, err
+    state = torch.load(finished_run / "weights.pt", weights_only=True)
+    assert torch.equal(state["model"]["out.1.bias"], torch.load(
+        finished_run / "model.pt", weights_only=True)["model"]["out.1.bias"])
+
+
+def test_running_out_of_memory_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    """torch's "can't allocate memory" (a RuntimeError) was a traceback with status 1."""
+    def no_memory(*_, **__):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "360000000000 bytes")
+    monkeypatch.setattr(helpers, "fit", no_memory)
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "run"))
+    assert code == 1 and "out of memory" in one_line(err) and "--batch-size" in err
+
+
+def test_a_net_over_the_exercises_budget_is_said(data_dir, tmp_path, capsys):
+    code, out, err = cli(capsys, *train_args(data_dir, tmp_path / "run", "--epochs", "1",
+                                             "--widths", "64", "128", "256", "512"))
+    assert code == 0 and "\nnote: 1,291,466 parameters, over the exercise's 200,000\n" in out, err
+
+
 def test_a_summary_edited_is_not_written_into_the_weights(finished_run, data_dir, capsys):
     """summary.json's settings (another activation, seed) went into a rebuilt weights.pt."""
     summary = json.loads((finished_run / "summary.json").read_text())
@@ -1148,18 +1182,19 @@ def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_pat
 # --------------------------------------------------------------------------- bad options
 # Each Recipe field's option, with bad values: the error must name the option and the range
 # the field declares (some spelled out below, as a user reads them).
-RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf"], "batch_size": ["0"],
+RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf"], "batch_size": ["0", "100000000"],
               "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
               "p_flip": ["2"], "p_affine": ["1.5"], "p_dropout": ["-0.1"], "act": ["tanh"],
-              "widths": ["0 0 0 0"], "depths": ["-1 1 1 1", "1 0 1 1"],
+              "widths": ["0 0 0 0", "8 100000 16 16"],
+              "depths": ["-1 1 1 1", "1 0 1 1", "0 65 1 1"],
               "dilated_downs": ["3", "1.5"], "muon_lr": ["-0.01", "inf"]}
 WORDS = {f.name: f.metadata["words"] for f in fields(helpers.Recipe)}
 assert set(RECIPE_BAD) == set(WORDS)  # every field's option is tried
 BAD_OPTIONS = [(["--" + name.replace("_", "-"), *value.split()],
                 f"--{name.replace('_', '-')}: expected {WORDS[name]}, got")
                for name, values in RECIPE_BAD.items() for value in values] + [
-    (["--lr", "0"], "--lr: expected a number > 0"),
-    (["--depths", "1", "0", "1", "1"], "--depths: expected four integers >= 0 with D2 >= 1"),
+    (["--lr", "0"], "--lr: expected a finite number > 0"),
+    (["--depths", "1", "0", "1", "1"], "--depths: expected four integers in [0, 64] with D2 >= 1"),
     (["--widths", "8", "16", "16"], "--widths: expected 4 arguments"),
     (["--val-fraction", "-0.2"], "--val-fraction: expected a number in (0, 1)"),
     (["--val-fraction", "1"], "--val-fraction: expected a number in (0, 1)"),

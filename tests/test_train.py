@@ -58,7 +58,10 @@ def test_every_recipe_field_declares_help_range_and_an_option():
     ("epochs", True), ("widths", (8, 16, 16)), ("widths", (0, 16, 16, 16)),
     ("depths", (1, 0, 1, 1)), ("depths", (-1, 1, 1, 1)), ("lr", float("nan")),
     ("lr", float("inf")), ("lr", 0), ("weight_decay", -1e-4), ("label_smoothing", 1.0),
-    ("pct_start", 0.0), ("batch_size", 0)])
+    ("pct_start", 0.0), ("batch_size", 0), ("lr", 10 ** 400), ("muon_lr", 10 ** 400),  # too
+    ("weight_decay", 10 ** 400), ("widths", (8, 10 ** 20, 16, 16)),  # large to be used
+    ("depths", (0, 200_000, 0, 0)),
+    ("batch_size", 10 ** 8), ("epochs", 10 ** 6)], ids=lambda v: str(v)[:12])
 def test_a_recipe_cannot_be_built_with_a_bad_value(field, value):
     with pytest.raises(ValueError, match=rf"^Recipe\.{field}: expected .*, got"):
         helpers.Recipe(**{field: value})
@@ -522,6 +525,15 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
         code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir",
                            png_root)
         assert code == 2 and "classes are not a list of names" in one_line(err)
+
+
+def test_weights_with_numpy_numbers_in_their_history_load(tmp_path):
+    """save_weights wrote them; load_model refused them as "could run code"."""
+    recipe = helpers.Recipe(widths=TINY)
+    helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe),
+                         dict(recipe=asdict(recipe)), [dict(epoch=1, eval_acc=np.float64(0.5))])
+    _, state = helpers.load_model(tmp_path / "w.pt")
+    assert state["history"] == [dict(epoch=1, eval_acc=0.5)]
 
 
 def test_val_fraction_holds_out_training_images(tmp_path, png_root, capsys):
