@@ -221,16 +221,18 @@ def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_batches(folder: Path) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder."""
-    files = [folder / name for name in (*(f"data_batch_{i}" for i in range(1, 6)),
-                                        "test_batch", "batches.meta")]
-    for p in (p for p in files if (p.exists() or p.name != "batches.meta") and not p.is_file()):
-        raise ValueError(f"{p} is not a file, so it cannot be read")  # a pipe would hang
-    _refuse_one_file_twice(files[:6], lambda p: p.name)
+    train, test = [folder / f"data_batch_{i}" for i in range(1, 6)], [folder / "test_batch"]
+    for p in train + test:
+        if not p.is_file():  # a named pipe would be waited on forever
+            raise ValueError(f"{p} is {'not a file' if p.exists() else 'missing'}")
+    _refuse_one_file_twice(train + test, lambda p: p.name)
     arrays = []
-    for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
-        x, y = zip(*(_read_pickle(folder / name, _batch) for name in names))
+    for paths in (train, test):
+        x, y = zip(*(_read_pickle(p, _batch) for p in paths))
         arrays += [np.concatenate(x).transpose(0, 2, 3, 1).copy(), np.concatenate(y)]
     meta, classes = folder / "batches.meta", CIFAR10_CLASSES
+    if meta.exists() and not meta.is_file():
+        raise ValueError(f"{meta} is not a file")
     if meta.exists():
         classes = _read_pickle(meta, lambda d: tuple(n.decode() for n in d[b"label_names"]))
     return CifarData(*arrays, classes, f"batches folder {folder.name}")
@@ -241,6 +243,8 @@ def _refuse_one_file_twice(paths: Sequence[Path], part: Callable[[Path], Any]) -
     seen: dict[tuple[int, int], Path] = {}
     for p in paths:
         st = p.stat()
+        if st.st_ino == 0:  # a file system that numbers no file (some network shares)
+            continue
         first = seen.setdefault((st.st_dev, st.st_ino), p)
         if part(first) != part(p):
             raise ValueError(f"{p} and {first} are one file (a link): labels or splits would "
@@ -257,8 +261,8 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # raised, not printed
-            with Image.open(path) as im:  # as the file holds it: "RGB;16B", ("I;16", ...), ...
-                wide = ";16" in str(im.tile[0].args if im.tile else "")
+            with Image.open(path) as im:  # the decoder's raw mode says 16 bits: "RGB;16B", ...
+                wide = ";16" in str(im.tile[0][3] if im.tile else "")
                 mode, arr = im.mode, np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -1183,13 +1187,26 @@ def _settings_after(t: Training, steps: int) -> list:
             t.scheduler.step()  # computes the rate and momentum of step ``steps``
     return _settings(t)
 
+def _close(a: Any, b: Any) -> bool:
+    """``a == b``, but numbers to 1e-9 (a rate computed by another maths library may differ in
+    its last bits), lists and dicts item by item."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and bool not in (type(a),
+                                                                                   type(b)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (list, dict)) and type(a) is type(b) and len(a) == len(b):
+        pairs = zip(a, b) if isinstance(a, list) else ((a[k], b.get(k, ...)) for k in a)
+        return all(_close(x, y) for x, y in pairs)
+    return a == b
+
 def _same_settings(got: list, expected: list) -> bool:
-    """Whether ``got`` holds every setting of ``expected`` at its value (a key that only ``got``
-    holds, as one saved by another version of torch, is not compared)."""
+    """Whether ``got`` holds every setting of ``expected`` at its value: a key that only ``got``
+    holds, or that ``expected`` leaves to torch (None), as another torch version saves it, is
+    not compared."""
     pairs = list(zip(got[0], expected[0])) + [(got[1] or {}, expected[1] or {})]
     try:
-        return len(got[0]) == len(expected[0]) and all(
-            _plain({k: g.get(k) for k in want}) == _plain(want) for g, want in pairs)
+        return len(got[0]) == len(expected[0]) and all(_close(
+            _plain({k: g.get(k) for k, v in want.items() if v is not None}),
+            _plain({k: v for k, v in want.items() if v is not None})) for g, want in pairs)
     except (TypeError, ValueError):  # a tensor or an object among them
         return False
 
@@ -1236,7 +1253,7 @@ def _same_weights(path: Path, want: dict) -> bool:
     except (TypeError, RuntimeError):  # not a tensor where one belongs
         return False
     return same and _plain([got.get("run"), got.get("history")]) == _plain(
-        [want["run"], want["history"]])
+        [_with_defaults(want["run"]), want["history"]])  # as _read_checkpoint reads it
 
 def save_weights(path: str | os.PathLike, model: nn.Module, run: dict,
                  history: Sequence[dict] = ()) -> None:
@@ -1505,7 +1522,8 @@ def bench(data: CifarData, recipe: Recipe | str = "standard", device: torch.devi
     device = torch.device(device) if device is not None else get_device(verbose=False)
     loader, test, model, _ = _pipeline(recipe, data, (data.x_train, data.y_train, data.x_test,
                                                       data.y_test), device, workers, 0)
-    t = start_training(model, replace(recipe, epochs=10_000), 1000 * len(loader))  # no end
+    # a schedule far longer than any timing, so that it never runs out
+    t = start_training(model, replace(recipe, epochs=10_000), 1000 * len(loader))
     g, n = torch.Generator().manual_seed(0), recipe.batch_size
     fake = _cycle([(torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
                     .to(device), torch.randint(0, len(data.classes), (n,), generator=g)
@@ -1780,7 +1798,7 @@ class _RunFolder:
                 raise UsageError(f"argument --out: {lock} is a link: move it away")
             self.lock = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(
                 os, "O_NOFOLLOW", 0)), "r+")
-        except OSError as e:  # (a pipe in its place: no reason given)
+        except OSError as e:  # (strerror is None for some failures, as with a pipe)
             raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
                              ) from None
         try:
@@ -1823,6 +1841,8 @@ class _RunFolder:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.aside.exists():
             self._restore()
+        if os.name == "nt":  # Windows deletes no open file (and this code locks none there)
+            self.lock.close()
         if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
             (self.out / ".lock").unlink()  # refused before anything was written: as it was
             for folder in self.created:  # (still locked: no other command is using them)
@@ -1920,10 +1940,12 @@ class _RunFolder:
         for keys, refuse in ((_SAME + tuple(later), True), (_NOTES, False)):
             diffs = _differences({k: (prev or {}).get(k) for k in keys},
                                  {k: new[k] for k in keys if k in new}) if prev else []
+            diffs = ["images_sha256: other images or labels" if d.startswith("images_sha256 ")
+                     else d for d in diffs]  # two hashes say nothing more
             if diffs and refuse:
                 raise UsageError(f"argument --resume: the run in {self.out} was made with "
-                                 f"other settings ({'; '.join(diffs)}): give its options, or "
-                                 "--overwrite to start again")
+                                 f"other settings ({'; '.join(diffs)}): give its options and "
+                                 "data, or --overwrite to start again")
             if diffs:
                 print(f"note: resuming with {'; '.join(diffs)}: results may differ from a run "
                       "that was never interrupted")
@@ -2052,8 +2074,8 @@ def _fail(args: argparse.Namespace, message: str, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python helpers.py train|evaluate|bench --data-dir DIR ...``. Exit status: 0 done, 1
     diverged or out of memory, 2 bad input or an unusable run folder, 74 a file or the output
-    not written, 130 or 143 interrupted by SIGINT or SIGTERM, 141 its output closed (continue
-    with --resume); errors are one line on stderr."""
+    not written (or another input/output error), 130 or 143 interrupted by SIGINT or SIGTERM,
+    141 its output closed (continue with --resume); errors are one line on stderr."""
     args, running, previous = _build_parser().parse_args(argv), [True], {}
     if hasattr(sys.stdout, "reconfigure"):  # print a folder name that is not UTF-8 escaped
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -2093,7 +2115,8 @@ def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int
     except WriteError as e:
         return _fail(args, f"error: {e}", 74)
     except (MemoryError, RuntimeError) as e:  # torch's out of memory is a RuntimeError
-        if not isinstance(e, MemoryError) and "memory" not in str(e):
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and \
+                "can't allocate memory" not in str(e):
             raise  # a fault of the program: its traceback is what to report
         return _fail(args, f"stopped: out of memory ({str(e).strip()[:200]}); lower "
                      f"--batch-size or --widths{getattr(e, 'kept', '')}", 1)
@@ -2102,14 +2125,16 @@ def _command(args: argparse.Namespace, handler: Callable, previous: dict) -> int
         return _fail(args, f"interrupted by {name}{getattr(e, 'kept', '')}",
                      143 if name == "SIGTERM" else 130)
     except OSError as e:  # the output closed (| head: stop as SIGPIPE would), or not written
-        try:  # what is left to print goes nowhere, and Python's flush at exit fails no more
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)  # a full device
+        if isinstance(e, BrokenPipeError) or (full and not e.filename):  # the output failed:
+            try:  # what is left to print goes nowhere, and Python's flush at exit fails no more
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
         kept = getattr(e, "kept", "")
         if isinstance(e, BrokenPipeError):
             return _fail(args, f"stopped: its output was closed{kept}", 141)
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):  # a full device
+        if full:
             return _fail(args, f"error: cannot write {e.filename or 'its output'}: "
                          f"{e.strerror}{kept}", 74)
         return _fail(args, f"error: {type(e).__name__}: {e}{kept}", 74)

@@ -235,12 +235,13 @@ def test_a_pipe_among_the_images_is_refused_not_waited_on(png_root, batches_root
     root = png_root if name.startswith("train") else batches_root
     (root / name).unlink(missing_ok=True)
     os.mkfifo(root / name)
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("load_cifar10 waited on the pipe"))
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("load_cifar10 waited on it"))
     signal.alarm(60)
     try:
         _refused(root, [name.split("/")[-1], "not a file"])
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_batch_values_out_of_range_name_the_file(batches_root):

@@ -644,15 +644,20 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
     assert snapshot(partial_run) == before
 
 
-def test_a_checkpoint_with_settings_another_torch_saves_resumes(partial_run, data_dir, capsys):
-    """A key this torch does not know, in the schedule's state and an optimizer group, as an
-    older or newer torch may save: not a reason to refuse (config.json notes the version)."""
-    path = partial_run / "model.pt"
-    state = torch.load(path, weights_only=True)
+@pytest.mark.parametrize("muon_lr", ["0.02", "0"])  # MuonSGD, torch's SGD
+def test_a_checkpoint_with_settings_another_torch_saves_resumes(muon_lr, data_dir, tmp_path,
+                                                                capsys, monkeypatch):
+    """A key this torch does not know, in the schedule's state and an optimizer group, or one
+    it fills in, as an older or newer torch may save, and a rate off in its last bits: not a
+    reason to refuse (config.json notes the version)."""
+    out = _interrupted(data_dir, tmp_path / "run", capsys, monkeypatch, "--muon-lr", muon_lr)
+    state = torch.load(out / "model.pt", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
     state["scheduler"]["_a_later_setting"] = 1
-    state["optimizer"]["param_groups"][0]["a_later_option"] = False
-    torch.save(state, path)
-    code, _, err = cli(capsys, *train_args(data_dir, partial_run, "--resume"))
+    group.update(a_later_option=False, lr=group["lr"] * (1 + 1e-12))  # another maths library
+    group.pop("fused", None)  # an earlier torch's SGD: this one fills in False (made: None)
+    torch.save(state, out / "model.pt")
+    code, _, err = cli(capsys, *train_args(data_dir, out, "--muon-lr", muon_lr, "--resume"))
     assert code == 0, err
 
 
@@ -928,13 +933,19 @@ def test_resume_of_a_finished_run_writes_damaged_weights_again(damage, finished_
 
 
 def test_running_out_of_memory_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
-    """torch's "can't allocate memory" (a RuntimeError) was a traceback with status 1."""
-    def no_memory(*_, **__):
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
-                           "360000000000 bytes")
-    monkeypatch.setattr(helpers, "fit", no_memory)
+    """torch's "can't allocate memory" (a RuntimeError) was a traceback with status 1; another
+    fault that speaks of memory is not taken for it."""
+    def fails(message):
+        def fit(*_, **__):
+            raise RuntimeError(message)
+        return fit
+    monkeypatch.setattr(helpers, "fit", fails("DefaultCPUAllocator: can't allocate memory: you "
+                                              "tried to allocate 360000000000 bytes"))
     code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "run"))
     assert code == 1 and "out of memory" in one_line(err) and "--batch-size" in err
+    monkeypatch.setattr(helpers, "fit", fails("CUDA error: an illegal memory access"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a fault: its traceback
+        cli(capsys, *train_args(data_dir, tmp_path / "run2"))
 
 
 def test_a_net_over_the_exercises_budget_is_said(data_dir, tmp_path, capsys):
