@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -256,7 +257,6 @@ def _visible(folder: Path) -> list[Path]:
 
 def _read_image(path: Path) -> np.ndarray:
     """Decode one 32x32 RGB image, naming the file if it is corrupt or wrongly sized."""
-    import warnings
     from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
@@ -1099,7 +1099,6 @@ def _with_defaults(run: Any) -> Any:
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint's entries, loaded as tensors and plain values only: no code runs (the
     recipe of its run is read with the later settings it lacks at their defaults)."""
-    import warnings
     path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size == 0:
@@ -1179,7 +1178,6 @@ def _settings(t: Training) -> list:
 
 def _settings_after(t: Training, steps: int) -> list:
     """``_settings`` of a fresh ``t`` after ``steps`` steps: what a checkpoint must hold."""
-    import warnings
     if t.scheduler is not None:
         with warnings.catch_warnings():  # "a schedule step before an optimizer step": meant
             warnings.simplefilter("ignore")
