@@ -1100,7 +1100,7 @@ def _with_defaults(run: Any) -> Any:
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint's entries, loaded as tensors and plain values only: no code runs (the
-    recipe of its run is read with the later settings it lacks at their defaults)."""
+    recipe of its run is read with the later settings it lacks at the values it trained with)."""
     path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size == 0:
