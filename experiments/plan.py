@@ -51,6 +51,8 @@ RUNS = {
     "accurate-mixup": (["--mixup", "0.2"], ["--muon-lr", "0.01", *RUN1]),
     "accurate-ema": (["--ema", "0.999"], ["--muon-lr", "0.01", *RUN1]),
     "accurate-ls0.2": ([], ["--muon-lr", "0.01", "--label-smoothing", "0.2", *RUN1]),
+    # ... and the affine on every image (cutout stays at p = 0.5)
+    "accurate-affine1": ([], ["--muon-lr", "0.01", *RUN1, "--p-affine", "1"]),
 }
 
 
