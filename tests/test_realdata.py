@@ -79,14 +79,16 @@ def test_one_epoch_of_the_fast_recipe_beats_chance(real_data_dir, tmp_path, caps
 
 @pytest.mark.slow
 def test_committed_weights_score_what_readme_says(real_data_dir, capsys):
-    """Every file in weights/ scores, to 0.01 points, the figures README gives for it."""
-    rows = re.findall(r"^\| `(weights/[\w.-]+\.pt)` \|[^|]*\|[^|]*\| ([\d.]+) \| ([\d.]+) \|",
+    """Every file in weights/ scores, to 0.01 points, the figures README gives for it, and is
+    the recipe (every setting) and seed README names."""
+    rows = re.findall(r"^\| `(weights/[\w.-]+\.pt)` \| `(\w+)` \| (\d+) \| ([\d.]+) \| ([\d.]+) \|",
                       (REPO / "README.md").read_text(), flags=re.M)
     assert {r[0] for r in rows} == {f"weights/{p.name}" for p in (REPO / "weights").glob("*.pt")}
-    for path, acc, tta in rows:
+    for path, recipe, seed, acc, tta in rows:
         code, out, err = cli(capsys, "evaluate", "--weights", REPO / path, "--data-dir",
                              real_data_dir, "--threads", "2")
         assert code == 0, err
         scored = json.loads(out.splitlines()[0])
         assert (f"{100 * scored['test_acc']:.2f}", f"{100 * scored['test_acc_flip_tta']:.2f}") \
             == (acc, tta), path
+        assert out.splitlines()[1].endswith(f"; recipe {recipe}, seed {seed}"), path
