@@ -221,15 +221,20 @@ def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"it holds {len(x)} images but {len(y)} labels")
     return x, y
 
-def _load_batches(folder: Path) -> CifarData:
-    """Read the official ``cifar-10-batches-py`` folder."""
+_NO_IMAGES = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))  # a split not read
+
+def _load_batches(folder: Path, splits: Sequence[str]) -> CifarData:
+    """Read the official ``cifar-10-batches-py`` folder (of its two splits, ``splits``)."""
     train, test = [folder / f"data_batch_{i}" for i in range(1, 6)], [folder / "test_batch"]
     for p in train + test:
         if not p.is_file():  # a named pipe would be waited on forever
             raise ValueError(f"{p} is {'not a file' if p.exists() else 'missing'}")
     _refuse_one_file_twice(train + test, lambda p: p.name)
     arrays = []
-    for paths in (train, test):
+    for split, paths in (("train", train), ("test", test)):
+        if split not in splits:
+            arrays += _NO_IMAGES
+            continue
         x, y = zip(*(_read_pickle(p, _batch) for p in paths))
         arrays += [np.concatenate(x).transpose(0, 2, 3, 1).copy(), np.concatenate(y)]
     meta, classes = folder / "batches.meta", CIFAR10_CLASSES
@@ -276,9 +281,10 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"Image {path} is {arr.shape[1]}x{arr.shape[0]}, expected 32x32")
     return arr
 
-def _load_image_folder(root: Path) -> CifarData:
-    """Read ``train/<class>/*`` and ``test/<class>/*``; anything that would not be read (a
-    stray file, a sub-folder, another format) is refused, since skipping it changes the task."""
+def _load_image_folder(root: Path, splits: Sequence[str]) -> CifarData:
+    """Read ``train/<class>/*`` and ``test/<class>/*`` (the images of ``splits``); anything that
+    would not be read (a stray file, a sub-folder, another format) is refused, since skipping
+    it changes the task."""
     found = {split: _visible(root / split) for split in ("train", "test")}
     for p in (p for entries in found.values() for p in entries if not p.is_dir()):
         raise ValueError(f"{p} is a file where only class folders belong")
@@ -305,6 +311,9 @@ def _load_image_folder(root: Path) -> CifarData:
                            lambda p: p.parent.parent.name + "/" + p.parent.name)
     arrays = []
     for split in ("train", "test"):
+        if split not in splits:
+            arrays += _NO_IMAGES
+            continue
         images = [_read_image(p) for p, _ in files[split]]
         arrays += [np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8),
                    np.asarray([label for _, label in files[split]], np.int64)]
@@ -340,11 +349,14 @@ def _download(root: Path, timeout: float) -> None:
     finally:
         socket.setdefaulttimeout(old)
 
-def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
-                 timeout: float = 60.0) -> CifarData:
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False, timeout: float = 60.0,
+                 splits: Sequence[str] = ("train", "test")) -> CifarData:
     """Load CIFAR-10 from ``data_dir`` in any supported layout, downloading only if asked
     (``timeout``: seconds of silence before a download gives up). Hidden names are skipped;
-    a class without images in a split is refused."""
+    a class without images in a split is refused. A split left out of ``splits`` is not read
+    (its arrays are empty)."""
+    if not splits or not set(splits) <= {"train", "test"}:  # a typo would read nothing
+        raise ValueError(f"splits: expected 'train' and/or 'test', got {splits!r}")
     root = Path(data_dir).expanduser()
     found = _find_layout(root) if root.is_dir() else None
     if found is None and download:
@@ -352,8 +364,10 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
         found = _find_layout(root)
     if found is None:
         raise FileNotFoundError(f"No CIFAR-10 data found in {root.resolve()}. " + _HOW_TO_GET_DATA)
-    data = found[0](found[1])
+    data = found[0](found[1], splits)
     for split, y in (("train", data.y_train), ("test", data.y_test)):
+        if split not in splits:
+            continue
         if len(y) and not 0 <= y.min() <= y.max() < len(data.classes):
             raise ValueError(f"{found[1]}: {split} labels run from {y.min()} to {y.max()}, but "
                              f"there are {len(data.classes)} classes")
@@ -1667,10 +1681,11 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
                                  f"{str(e).split(': ', 1)[1]}") from None
     return recipe
 
-def _read_data(args: argparse.Namespace) -> CifarData:
-    """The data in ``--data-dir``, or a UsageError saying what is wrong with it."""
+def _read_data(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")
+               ) -> CifarData:
+    """The data in ``--data-dir`` (``splits`` of it), or a UsageError saying what is wrong."""
     try:
-        return load_cifar10(args.data_dir, args.download)
+        return load_cifar10(args.data_dir, args.download, splits=splits)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
 
@@ -1688,7 +1703,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """``evaluate``: the final test accuracy of saved weights, and with flip TTA."""
     device = _set_up(args)
     model, state = load_model(args.weights, device)
-    data = _read_data(args)
+    data = _read_data(args, ("test",))  # the training images are not needed: not decoded
     if model.out[-1].out_features != len(data.classes):
         raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
                          f"{data.source} holds {len(data.classes)} classes")

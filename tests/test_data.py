@@ -77,6 +77,26 @@ def test_png_folder_round_trip(png_root, arrays):
     assert "image folder" in data.source
 
 
+@pytest.mark.parametrize("layout", ["batches_root", "png_root"])
+def test_a_split_left_out_is_not_read(layout, arrays, request):
+    """``splits=("test",)``: the test split as a full load gives it, the training split empty
+    (its images are not decoded: a corrupt one goes unnoticed); a misspelt split is refused."""
+    root = request.getfixturevalue(layout)
+    full = helpers.load_cifar10(root)
+    for corrupt in sorted(root.rglob("data_batch_1")) + sorted(root.glob("train/*/*"))[:1]:
+        corrupt.write_bytes(b"not an image")
+    data = helpers.load_cifar10(root, splits=("test",))
+    np.testing.assert_array_equal(data.x_test, full.x_test)
+    np.testing.assert_array_equal(data.y_test, full.y_test)
+    assert data.x_train.shape == (0, 32, 32, 3) and data.y_train.shape == (0,)
+    assert data.classes == full.classes
+    with pytest.raises(ValueError, match="Cannot read"):
+        helpers.load_cifar10(root)  # read in full, the damage is found
+    for bad in (("tset",), "test", ()):
+        with pytest.raises(ValueError, match="splits: expected"):
+            helpers.load_cifar10(root, splits=bad)
+
+
 def test_jpeg_folder_shapes_and_labels(jpeg_root, arrays):
     x_tr, y_tr, x_te, y_te = arrays
     data = helpers.load_cifar10(jpeg_root)

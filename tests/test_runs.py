@@ -316,7 +316,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
         data = write_image_folder(tmp_path / "png", *make_arrays(3, 1), *make_arrays(2, 2))
         (data / "train" / "cat" / "0010.png").write_bytes(b"not a png")
     else:
-        monkeypatch.setattr(helpers, "load_cifar10", lambda *a: (_ for _ in ()).throw(
+        monkeypatch.setattr(helpers, "load_cifar10", lambda *a, **k: (_ for _ in ()).throw(
             KeyboardInterrupt()))
     code, _, err = cli(capsys, *train_args(data, finished_run, "--epochs", "2", "--overwrite",
                                            *extra))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import helpers
-from conftest import CLASSES, TINY, cli, env, helpers_cmd, one_line, tiny_loaders
+from conftest import CLASSES, TINY, TINY_RUN, cli, env, helpers_cmd, one_line, tiny_loaders
 
 KEYS = {"epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "train_seconds",
         "seconds", "images_per_s"}
@@ -497,6 +497,22 @@ def test_evaluate_names_the_recipe_by_its_settings(tmp_path, png_root, capsys):
         code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "model.pt",
                              "--data-dir", png_root, "--threads", "1")
         assert code == 0 and says in out, err
+
+
+def test_evaluate_reads_only_the_test_images(tmp_path, png_root, capsys):
+    """The scorer needs the test split alone: a damaged training image does not stop it (the
+    training images are not decoded), while ``train`` names that image."""
+    recipe = helpers.Recipe(widths=TINY)
+    helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe),
+                         dict(recipe=asdict(recipe)))
+    damaged = sorted(png_root.glob("train/*/*"))[0]
+    damaged.write_bytes(b"not an image")
+    code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir",
+                         png_root, "--threads", "1")
+    assert code == 0 and "on 20 images of" in out, err
+    code, _, err = cli(capsys, "train", "--data-dir", png_root, "--out", tmp_path / "run",
+                       *TINY_RUN)
+    assert code == 2 and damaged.name in one_line(err)
 
 
 def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, capsys):
