@@ -1283,6 +1283,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
+    bad = _first_non_finite(state["model"])  # it would be scored without a word
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: {bad} holds nan or inf")
     return model.to(device).eval(), state
 
 
@@ -1742,13 +1745,22 @@ _RUN_FILES = ("config.json", "log.jsonl", "model.pt", "weights.pt", "summary.jso
 _SAME = ("recipe", "seed", "train_subset", "test_subset", "val_fraction", "workers", "data",
          "classes", "train_images", "eval_split", "eval_images", "mean", "std")
 _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, not a refusal
+_FREE = (*_NOTES, "recipe_name", "params", "macs")  # those, and what another version counts
 _LATER = ("images_sha256",)  # as _SAME, where the run recorded it (runs before it did not)
 
 _COUNTS = {"threads": (1, 1024), "workers": (0, 64)}  # run settings that are counts: their range
 
+def _edits(told: dict, summary: dict) -> list[str]:
+    """How ``summary`` differs from what the run's other files tell (``_FREE`` aside)."""
+    a, b = (_plain({k: v for k, v in d.items() if k not in _FREE}) for d in (told, summary))
+    edits = _differences(a, b) + [f"{k} missing" for k in a if k not in b]  # b's values named
+    return edits or (["a setting missing"] if a != b else [])  # (one nested in another)
+
 def _read_json(path: Path, keys: Sequence[str]) -> dict:
     """A run file's dict holding ``keys``; anything else is refused, naming the file."""
     try:
+        if path.exists() and not path.is_file():  # a named pipe would be waited on forever
+            raise ValueError("not a file")
         value = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
         why = "is missing" if isinstance(e, FileNotFoundError) else f"is damaged ({e})"
@@ -1813,8 +1825,12 @@ class _RunFolder:
             self.lock = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(
                 os, "O_NOFOLLOW", 0)), "r+")
         except OSError as e:  # (strerror is None for some failures, as with a pipe)
+            self._remove_created()  # a name too long: the folders made for it go again
             raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
                              ) from None
+        if os.fstat(self.lock.fileno()).st_nlink > 1:  # a hard link: another file's content
+            self.lock.close()
+            raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")
         try:
             import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
             fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
@@ -1859,12 +1875,16 @@ class _RunFolder:
             self.lock.close()
         if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
             (self.out / ".lock").unlink()  # refused before anything was written: as it was
-            for folder in self.created:  # (still locked: no other command is using them)
-                try:
-                    os.rmdir(folder)
-                except OSError:  # not empty: something else wrote there
-                    break
+            self._remove_created()  # (still locked: no other command is using them)
         self.lock.close()
+
+    def _remove_created(self) -> None:
+        """Remove the folders this command made for ``--out``, deepest first, while empty."""
+        for folder in (f for f in self.created if os.path.lexists(f)):  # (or never made)
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: something else wrote there
+                break
 
     def _restore(self) -> None:
         (self.aside / ".restoring").touch()  # if stopped again, the next command goes on
@@ -1918,31 +1938,58 @@ class _RunFolder:
     def _check_finished(self, config: dict) -> None:
         """Refuse a finished run whose files disagree; write a deleted weights.pt or a cut or
         edited log.jsonl again from model.pt."""
-        split, same = config["eval_split"], _SAME + tuple(k for k in _LATER if k in config)
-        summary = _read_json(self.out / "summary.json", [f"final_{split}_acc"])
+        split = config["eval_split"]
+        tta, summary = f"final_{split}_acc_flip_tta", _read_json(self.out / "summary.json", [])
         state = _read_checkpoint(self.out / "model.pt")
-        try:  # summary.json's settings become weights.pt's: they must be the run's
+        try:  # summary.json becomes weights.pt's run: all that model.pt and config.json tell
+            history = state["history"]  # must be as they tell it
+            told = dict(config, **{f"final_{split}_acc": history[-1]["eval_acc"],
+                                   "median_epoch_seconds": float(np.median(
+                                       [h["seconds"] for h in history])),
+                                   tta: summary.get(tta)})  # checked by _check_free
+            edits = _edits(told, _with_defaults(summary))
             agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
-                state["run"], {k: config[k] for k in ("recipe", "seed")}) and not _differences(
-                _with_defaults(summary), {k: config[k] for k in same}) and \
-                state["history"][-1]["eval_acc"] == summary[f"final_{split}_acc"]
-        except (KeyError, IndexError, TypeError, AttributeError):
-            agree = False
+                state["run"], {k: config[k] for k in ("recipe", "seed")}) and not edits
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            agree, edits = False, []
         if not agree:
+            why = f" ({'; '.join(edits)})" if edits else ""
             raise UsageError(f"{self.out}/summary.json does not agree with model.pt and "
-                             "config.json: pass --overwrite to start again")
+                             f"config.json{why}: put back what was edited, or pass --overwrite "
+                             "to start again")
+        self._check_free(summary, split)
         for name in _RUN_FILES:  # nothing more is written: a killed writer's temp files go
             _remove_temps(self.out / name)
-        self.write_log(state["history"])  # rebuilt if deleted or edited
-        weights = dict(model=state["model"], run=summary, history=state["history"])
+        self.write_log(history)  # rebuilt if deleted or edited
+        weights = dict(model=state["model"], run=summary, history=history)
         if not _same_weights(self.out / "weights.pt", weights):  # rebuilt if deleted, damaged
             save_checkpoint(self.out / "weights.pt", weights)  # or edited
+
+    def _check_free(self, summary: dict, split: str) -> None:
+        """What model.pt and config.json do not tell (the flip TTA accuracy, the machine):
+        summary.json must say it as weights.pt does, where weights.pt reads."""
+        tta = summary.get(f"final_{split}_acc_flip_tta")
+        if not (type(tta) in (int, float) and 0 <= tta <= 1):
+            raise UsageError(f"{self.out}/summary.json is damaged: no flip TTA accuracy; put "
+                             "back what was edited, or pass --overwrite to start again")
+        try:
+            saved = _read_checkpoint(self.out / "weights.pt")["run"]
+        except (CheckpointError, KeyError, TypeError):  # missing or damaged: written again
+            return
+        keys = (*_FREE, f"final_{split}_acc_flip_tta")
+        diffs = _differences(*(_plain({k: d.get(k) for k in keys}) if isinstance(d, dict)
+                               else {} for d in (saved, summary)))
+        if diffs:
+            raise UsageError(f"{self.out}/summary.json and weights.pt disagree on what "
+                             f"model.pt cannot tell ({'; '.join(diffs)}: weights.pt's, then "
+                             "summary.json's): one was edited; put it back, or delete weights.pt "
+                             "and --resume to write it again from summary.json")
 
     def write_log(self, history: list[dict]) -> None:
         """log.jsonl: one JSON row per epoch of ``history`` (unless it holds just that)."""
         log, text = self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
-        try:
-            same = log.read_bytes() == text
+        try:  # (a named pipe would be waited on forever)
+            same = log.is_file() and log.read_bytes() == text
         except OSError:  # missing, unreadable or not a file: written anew
             same = False
         if not same:
@@ -1951,7 +1998,9 @@ class _RunFolder:
     def refuse_changes(self, prev: dict | None, new: dict) -> None:
         """Refuse to resume ``prev`` with other settings, naming each; note what may differ."""
         later = [k for k in _LATER if k in (prev or {})]
-        for keys, refuse in ((_SAME + tuple(later), True), (_NOTES, False)):
+        moved = ("data",) if later else ()  # the images' hash decides, not the folder's name
+        for keys, refuse in ((tuple(k for k in _SAME if k not in moved) + tuple(later), True),
+                             (_NOTES + moved, False)):
             diffs = _differences({k: (prev or {}).get(k) for k in keys},
                                  {k: new[k] for k in keys if k in new}) if prev else []
             diffs = ["images_sha256: other images or labels" if d.startswith("images_sha256 ")
@@ -2005,6 +2054,15 @@ class _RunFolder:
         print(json.dumps(summary))
         return history
 
+def _versions() -> dict:
+    """The libraries whose arithmetic, random draws or image decoding a run's result follows."""
+    import albumentations
+    import cv2
+    import PIL
+    return dict(torch=torch.__version__, numpy=np.__version__,
+                albumentations=albumentations.__version__, opencv=cv2.__version__,
+                pillow=PIL.__version__)
+
 def _sha256(arrays: Sequence[np.ndarray]) -> str:
     """A fingerprint of the images and labels a run trains and scores on."""
     import hashlib
@@ -2046,7 +2104,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"argument --out: {args.out} is inside {args.data_dir}'s train/ or "
                          "test/ folder, whose files are read as images: choose another folder")
     with _RunFolder(Path(args.out)) as folder:
-        prev = None
+        prev: Any = False  # until the folder is checked: what it holds is not known yet
         try:
             prev = folder.previous(args.resume, args.overwrite)
             workers = args.workers if args.workers is not None else (prev or {}).get("workers")
@@ -2067,7 +2125,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                         eval_images=len(x_y[2]), images_sha256=_sha256(x_y), **norm,
                         recipe_name=args.recipe, device=str(device), params=count_parameters(
                             model), macs=count_macs(model), threads=torch.get_num_threads(),
-                        versions=dict(torch=torch.__version__, numpy=np.__version__))
+                        versions=_versions())
             folder.refuse_changes(prev, meta)
             print(json.dumps(meta))
             if meta["params"] >= 200_000:
@@ -2076,13 +2134,20 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         except (KeyboardInterrupt, OSError, MemoryError, RuntimeError) as e:  # say what is kept
             e.kept = (f": {folder.out}/model.pt keeps epoch {folder.epoch}; continue with "
                       "--resume" if folder.epoch else f": the run in {folder.out} is finished"
-                      if prev and prev["finished"] else f": no epoch of {folder.out} finished")
+                      if prev and prev["finished"] else f": no epoch of {folder.out} finished"
+                      if prev is not False else f": {folder.out} is kept as it was")
             raise
 
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:
     """Print ``message`` as one line on stderr, control characters escaped; return ``status``."""
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(message.split()))
-    print(f"helpers.py {args.command}: {line}", file=sys.stderr, flush=True)
+    try:
+        print(f"helpers.py {args.command}: {line}", file=sys.stderr, flush=True)
+    except OSError:  # stderr closed or full too (2>&1 | head): the status alone says it
+        try:  # and Python's flush at exit fails no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        except (OSError, ValueError):
+            pass
     return status
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -576,6 +576,24 @@ def test_a_closed_output_stops_the_run_in_one_line_and_it_resumes(data_dir, tmp_
     assert res.returncode == 0 and len(rows(out)) == 3, res.stderr
 
 
+def test_both_outputs_closed_or_full_are_the_status_alone(data_dir, tmp_path):
+    """``2>&1 | head -1`` or ``>/dev/full 2>&1``: the line saying so could not be written
+    either, and its error escaped as a traceback with status 1 (a diverged run's)."""
+    read, write = os.pipe()
+    proc = subprocess.Popen(helpers_cmd(*train_args(data_dir, tmp_path / "run")), env=env(),
+                            stdout=write, stderr=write)
+    os.close(write)
+    os.close(read)  # the reader has gone before the first line
+    assert proc.wait(timeout=600) == 141
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            res = subprocess.run(helpers_cmd(*train_args(data_dir, tmp_path / "run2")),
+                                 env=env(), stdout=full, stderr=full, timeout=600)
+        assert res.returncode == 74
+    res = _run(*train_args(data_dir, tmp_path / "run", "--resume"))
+    assert res.returncode == 0 and len(rows(tmp_path / "run")) == 3, res.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_as_a_command_ends_is_no_traceback(sig, finished_run, data_dir, capsys,
                                                      monkeypatch):
@@ -781,6 +799,27 @@ def test_a_folder_in_place_of_a_run_file_is_refused_and_kept(name, finished_run,
         assert snapshot(finished_run) == before
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("name", ["config.json", "summary.json", "log.jsonl"])
+def test_a_pipe_in_place_of_a_run_file_is_not_waited_on(name, finished_run, data_dir, capsys):
+    """A named pipe at a run file's name: --resume waited forever on it. The log is written
+    again from model.pt; the others are refused, naming the file."""
+    (finished_run / name).unlink()
+    os.mkfifo(finished_run / name)
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f"waited on {name}"))
+    signal.alarm(60)
+    try:
+        code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1",
+                                               "--resume"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    if name == "log.jsonl":
+        assert code == 0 and len(rows(finished_run)) == 1, err
+    else:
+        assert code == 2 and f"{name} is damaged (not a file)" in one_line(err)
+
+
 def test_files_named_as_temp_files_that_are_not_ours_are_kept(finished_run, data_dir, capsys):
     """Only a killed writer's NAME.PID.tmp files are removed: a folder so named was a
     traceback (and left an --overwrite's old run set aside), a user's file was deleted."""
@@ -804,6 +843,10 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(finished_run,
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / ".lock").symlink_to(finished_run / "weights.pt")
     before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "new", "--epochs", "1"))
+    assert code == 2 and ".lock is a link" in one_line(err) and snapshot(finished_run) == before
+    (tmp_path / "new" / ".lock").unlink()
+    os.link(finished_run / "weights.pt", tmp_path / "new" / ".lock")  # a hard link
     code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "new", "--epochs", "1"))
     assert code == 2 and ".lock is a link" in one_line(err) and snapshot(finished_run) == before
 
@@ -894,6 +937,7 @@ def test_config_records_what_changes_results(finished_run):
                 "test_subset", "val_fraction", "mean", "std", "images_sha256", "versions"):
         assert key in config, key
     assert config["workers"] == 0
+    assert set(config["versions"]) == {"torch", "numpy", "albumentations", "opencv", "pillow"}
 
 
 def test_resume_on_other_images_is_refused(data_dir, tmp_path, capsys, monkeypatch):
@@ -912,6 +956,17 @@ def test_resume_on_other_images_is_refused(data_dir, tmp_path, capsys, monkeypat
     (out / "config.json").write_text(json.dumps(config))
     code, _, err = cli(capsys, *train_args(data, out, "--resume"))
     assert code == 0, err
+
+
+def test_resume_from_the_data_moved_elsewhere_is_a_note(png_root, tmp_path, capsys,
+                                                       monkeypatch):
+    """The same images in a folder of another name: "data 'image folder png' -> ..." refused
+    the resume, whose only way on was --overwrite (the images' hash says they are the same)."""
+    out = _interrupted(png_root, tmp_path / "run", capsys, monkeypatch)
+    moved = png_root.rename(tmp_path / "cifar")
+    code, stdout, err = cli(capsys, *train_args(moved, out, "--resume"))
+    assert code == 0 and len(rows(out)) == 3, err
+    assert "note: resuming with data 'image folder png' -> 'image folder cifar'" in stdout
 
 
 @pytest.mark.parametrize("damage", ["cut", "other weights"])
@@ -963,6 +1018,30 @@ def test_a_summary_edited_is_not_written_into_the_weights(finished_run, data_dir
     code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
     assert code == 2 and "summary.json does not agree" in one_line(err)
     assert not (finished_run / "weights.pt").exists()
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: s["recipe"].update(note="relu next"), "(recipe.note None -> 'relu next')"),
+    (lambda s: s.update(final_test_acc=0.99), "final_test_acc"),
+    (lambda s: s.pop("median_epoch_seconds"), "(median_epoch_seconds missing)"),
+    (lambda s: s.update(final_test_acc_flip_tta="high"), "summary.json is damaged"),
+    (lambda s: s.update(final_test_acc_flip_tta=0.99), "summary.json and weights.pt disagree"),
+    (lambda s: s.update(device="tpu"), "(device 'cpu' -> 'tpu'")])
+def test_a_summary_edited_anywhere_is_refused(edit, says, finished_run, data_dir, capsys):
+    """An edit that was not compared (the flip TTA figure, a key added) was written into the
+    intact weights.pt by --resume; a key added to its recipe left it unreadable."""
+    summary = json.loads((finished_run / "summary.json").read_text())
+    edit(summary)
+    (finished_run / "summary.json").write_text(json.dumps(summary))
+    before = snapshot(finished_run)
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 2 and says in one_line(err) and snapshot(finished_run) == before
+    if "weights.pt" in says:  # the figure model.pt cannot tell: as summary.json says it
+        (finished_run / "weights.pt").unlink()
+        assert cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))[
+            0] == 0
+        assert helpers.load_model(finished_run / "weights.pt")[1]["run"][
+            "final_test_acc_flip_tta"] == 0.99
 
 
 def test_images_that_cannot_be_normalised_are_bad_input(tmp_path, capsys):
@@ -1063,6 +1142,8 @@ def test_names_too_long_are_one_line(data_dir, tmp_path, capsys):
     long = tmp_path / ("a" * 300)
     code, _, err = cli(capsys, *train_args(data_dir, long))
     assert code == 2 and "too long" in one_line(err)
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "new" / long.name))
+    assert code == 2 and "too long" in one_line(err) and not (tmp_path / "new").exists()
     code, _, err = cli(capsys, *train_args(long, tmp_path / "run"))  # was 74, "not written"
     assert code == 2 and "too long" in one_line(err)
     code, _, err = cli(capsys, "evaluate", "--weights", long, "--data-dir", data_dir)

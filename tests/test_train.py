@@ -532,6 +532,12 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
                          dict(recipe=asdict(recipe), classes=list(CLASSES)))
     assert cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)[0] == 0
+    state = torch.load(tmp_path / "w.pt", weights_only=True)  # helpers.py saves no nan: a
+    state["model"]["out.1.weight"][0, 0] = float("nan")  # file made otherwise, once scored
+    torch.save(state, tmp_path / "nan.pt")  # without a word
+    code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "nan.pt", "--data-dir",
+                       png_root)
+    assert code == 2 and "out.1.weight holds nan or inf" in one_line(err)
     for split in ("train", "test"):  # the same number of classes, named otherwise
         (png_root / split / "cat").rename(png_root / split / "kitten")
     code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)
