@@ -68,9 +68,10 @@ def _setting(default: Any, help: str, words: str, ok: Callable[[Any], bool],
 _PROBABILITY = ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
 
 def _finite(v: float) -> bool:
-    """Whether ``v`` is a finite float (an integer too large for one is not)."""
+    """Whether ``v`` is a finite float32 (training's precision: 1e39 is not, nor an integer too
+    large for a float)."""
     try:
-        return math.isfinite(v)
+        return math.isfinite(v) and abs(v) <= 3.4028234663852886e38
     except OverflowError:
         return False
 
@@ -410,15 +411,20 @@ def compute_mean_std(images: np.ndarray, chunk: int = 10_000
         raise ValueError("expected a non-empty uint8 array of images (N, H, W, C), as "
                          f"load_cifar10 gives, got {type(images).__name__} "
                          f"{getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
     c = images.shape[-1]
-    s, s2, n = np.zeros(c), np.zeros(c), 0
+    s, s2, n, varies = np.zeros(c), np.zeros(c), 0, np.zeros(c, bool)
     for i in range(0, len(images), chunk):
-        block = images[i:i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+        block = images[i:i + chunk].reshape(-1, c)
+        varies |= (block != images[0, 0, 0]).any(0)
+        block = block.astype(np.float64) / 255.0
         s += block.sum(0)
         s2 += (block ** 2).sum(0)
         n += len(block)
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    std[~varies] = 0.0  # exactly, not the 1e-8 that rounding leaves (a channel to refuse)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
@@ -456,28 +462,30 @@ def exercise_augmentations(mean: Sequence[float], p_flip: float = Recipe.p_flip,
     ], seed=seed, save_applied_params=record)
 
 class EpochAugment:
-    """``augment`` whose random stream restarts every epoch from (seed, epoch), so that a
-    resumed run draws what an uninterrupted one would; the epoch sits in shared memory, where
-    persistent loader workers (each seeded by ``set_random_seed``) see it."""
+    """``augment`` whose random stream restarts from (seed, epoch) at every ``set_epoch``, so
+    that a resumed run draws what an uninterrupted one would (also an epoch begun again after
+    a stop); the epoch and a count of the calls sit in shared memory, where persistent loader
+    workers (each seeded by ``set_random_seed``) see them."""
 
     def __init__(self, augment: Any, seed: int) -> None:
         self.augment = augment
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, calls
         self.set_random_seed(seed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the augmentations of ``epoch`` (0-based) from now on."""
+        """Draw the augmentations of ``epoch`` (0-based) from its start, from now on."""
         self._epoch[0] = epoch
+        self._epoch[1] += 1
 
     def set_random_seed(self, seed: int) -> None:
         """Base seed of the per-epoch streams (a loader worker calls this once it starts)."""
-        self.seed, self._applied = seed, -1
+        self.seed, self._applied = seed, None
 
     def __call__(self, **data: Any) -> dict:
-        epoch = int(self._epoch[0])
-        if epoch != self._applied:
+        epoch, calls = self._epoch.tolist()
+        if (epoch, calls) != self._applied:
             self.augment.set_random_seed(_derive_seed(self.seed, epoch))
-            self._applied = epoch
+            self._applied = epoch, calls
         return self.augment(**data)
 
 
@@ -767,13 +775,16 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
     return pd.DataFrame(rows)
 
 def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
-    """RF measured as the extent of input pixels with non-zero gradient for one centre unit."""
+    """RF measured as the extent of input pixels with non-zero gradient for one centre unit
+    (on an input twice as large where it reaches the border of ``input_size``)."""
     model = copy.deepcopy(model).double().eval()
     feats = getattr(model, "features", model)
     x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
     out = feats(x)
     out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()  # the centre unit
     rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
+    if (rows.min() == 0 or rows.max() == input_size - 1) and input_size < 4096:  # cut off
+        return empirical_receptive_field(model, 2 * input_size)  # by the input's border
     return int(rows.max() - rows.min() + 1)
 
 def _downsamplers(model: nn.Module, records: list[dict]) -> list[tuple[str, str, bool]]:
@@ -1333,6 +1344,7 @@ def class_report(labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) 
     """Precision, recall (the class's accuracy) and F1 in %, and the images of each class."""
     import pandas as pd
     from sklearn.metrics import precision_recall_fscore_support
+    confusion_matrix(labels, preds, len(classes))  # refuses a label outside the classes
     p, r, f1, support = precision_recall_fscore_support(
         labels, preds, labels=list(range(len(classes))), zero_division=0)
     return pd.DataFrame({"precision %": 100 * p, "recall %": 100 * r, "F1 %": 100 * f1,
@@ -1647,8 +1659,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     " (with --resume: the run's)" if cmd is t else ""),
                 lambda v: least <= v <= most, metavar="N")
     _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
-            "weights, data order, augmentation, subsets (not the validation split, which is "
-            "fixed); default 0", lambda v: 0 <= v < 2 ** 32,
+            "weights, data order, augmentation, subsets (the validation split is drawn with "
+            "seed 0 from the training images used); default 0", lambda v: 0 <= v < 2 ** 32,
             default=0, metavar="N")
     for split in ("train", "test"):
         _option(t, f"--{split}-subset", int, "an integer >= 1", f"use N random {split} images "
@@ -1702,6 +1714,14 @@ def _set_up(args: argparse.Namespace, threads: int | None = None) -> torch.devic
         raise UsageError(f"argument --device: no {asked} device on this machine")
     return torch.device(asked) if asked else get_device(verbose=args.command == "train")
 
+def _classes_beside(weights: Path) -> Any:
+    """The class names in the run's config.json beside ``weights``, if it reads; else None."""
+    config = weights.parent / "config.json"
+    try:
+        return json.loads(config.read_text()).get("classes") if config.is_file() else None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
 def run_evaluate(args: argparse.Namespace) -> dict:
     """``evaluate``: the final test accuracy of saved weights, and with flip TTA."""
     device = _set_up(args)
@@ -1711,6 +1731,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
                          f"{data.source} holds {len(data.classes)} classes")
     trained_on = state["run"].get("classes")
+    if trained_on is None:  # a run's model.pt: the config.json beside it names them
+        trained_on = _classes_beside(Path(args.weights))
+    if trained_on is None:
+        print(f"note: {args.weights} names no classes: its outputs are read in the order of "
+              f"{data.source}'s ({', '.join(data.classes)})")
     if trained_on is not None and not (type(trained_on) is list and all(
             type(c) is str for c in trained_on)):
         raise UsageError(f"{args.weights} is damaged: its classes are not a list of names")

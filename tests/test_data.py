@@ -357,6 +357,14 @@ def test_compute_mean_std_constant_channels():
     mean, std = helpers.compute_mean_std(x)
     np.testing.assert_allclose(mean, (1.0, 0.2, 0.0), atol=1e-12)
     np.testing.assert_allclose(std, (0.0, 0.0, 0.0), atol=1e-6)
+    x = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(256, 1, 1, 3)
+    for value in range(256):  # 0 exactly, which is what marks a channel to refuse: rounding
+        y = np.array(x[[value] * 7])  # left most values about 1e-8 ("constant 128": 5.5e-7)
+        y[3:, 0, 0, 0] = (value + 1) % 256  # the first channel varies: it keeps its std
+        std = helpers.compute_mean_std(y, chunk=2)[1]
+        assert std[1:] == (0.0, 0.0) and std[0] == pytest.approx(np.std(y[..., 0] / 255.0))
+    with pytest.raises(ValueError, match="chunk"):
+        helpers.compute_mean_std(x, chunk=-1)  # nan
 
 
 @pytest.mark.parametrize("images", [np.zeros((2, 32, 32, 3)), np.zeros((2, 3, 32, 32), np.uint8),

@@ -394,6 +394,13 @@ def test_rf_table_of_other_models_keeps_module_paths():
     assert table["block"].tolist() == ["-"] and table["layer"].tolist() == ["0"]
 
 
+def test_rf_wider_than_the_measuring_input_is_measured_whole():
+    """A net whose field exceeds 128 pixels: the gradient's extent was cut at 128."""
+    model = helpers.Net(SMALL, depths=(3, 3, 3, 3))
+    assert _final_rf(model) > 128
+    assert helpers.empirical_receptive_field(model) == _final_rf(model)
+
+
 def test_rf_grows_with_depth():
     base = _final_rf(helpers.Net(SMALL, depths=(0, 1, 1, 1)))
     # one more residual block of two 3x3 convs at 32x32 (jump 1) adds 2 + 2

@@ -188,6 +188,8 @@ def test_class_report_absent_class_is_zero():
     assert df["images"].tolist() == support.tolist() == [2, 2, 0]
     assert df.loc["c"].tolist() == [0, 0, 0, 0]
     assert df.loc["a"].tolist() == [100.0, 50.0, 66.7, 2]
+    with pytest.raises(ValueError, match="integers in 0..2"):  # ignored, as confusion_matrix
+        helpers.class_report(np.array([0, 3]), np.array([0, 1]), ("a", "b", "c"))  # refuses
 
 
 # --------------------------------------------------------------------------- Grad-CAM

@@ -174,6 +174,33 @@ def test_fit_resume_equals_an_uninterrupted_fit(tmp_path, cpu, settings):
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in model.state_dict().items())
 
 
+def test_fit_resumed_with_the_same_loader_after_a_stop_in_an_epoch(tmp_path, cpu):
+    """As in the notebook: the training cell stopped during epoch 2, then run again with
+    RESUME = True on the same loader. The augmentation went on from where the stop left its
+    random stream instead of restarting epoch 2's."""
+    model, recipe, train, test = _fit_setup()
+    straight = helpers.fit(model, recipe, train, test, progress=False, log=lambda r: None)
+    again, recipe, train, test = _fit_setup()
+    path, real_step, steps = tmp_path / "model.pt", helpers.train_step, []
+
+    def stop_in_epoch_2(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == len(train) + 2:  # two batches into epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    helpers.train_step = stop_in_epoch_2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            helpers.fit(again, recipe, train, test, path, progress=False, log=lambda r: None)
+    finally:
+        helpers.train_step = real_step
+    history = helpers.fit(again, recipe, train, test, path, resume=True, progress=False,
+                          log=lambda r: None)
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in straight]
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in model.state_dict().items())
+
+
 def test_fit_resume_without_a_checkpoint_starts_from_epoch_1(tmp_path, cpu):
     model, recipe, train, test = _fit_setup()
     history = helpers.fit(model, replace(recipe, epochs=1), train, test, tmp_path / "m.pt",
@@ -1274,8 +1301,8 @@ def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_pat
 # --------------------------------------------------------------------------- bad options
 # Each Recipe field's option, with bad values: the error must name the option and the range
 # the field declares (some spelled out below, as a user reads them).
-RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf"], "batch_size": ["0", "100000000"],
-              "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
+RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf", "1e39"],
+              "batch_size": ["0", "100000000"], "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
               "p_flip": ["2"], "p_affine": ["1.5"], "p_dropout": ["-0.1"], "act": ["tanh"],
               "widths": ["0 0 0 0", "8 100000 16 16"],
               "depths": ["-1 1 1 1", "1 0 1 1", "0 65 1 1"],

@@ -60,6 +60,7 @@ def test_every_recipe_field_declares_help_range_and_an_option():
     ("lr", float("inf")), ("lr", 0), ("weight_decay", -1e-4), ("label_smoothing", 1.0),
     ("pct_start", 0.0), ("batch_size", 0), ("lr", 10 ** 400), ("muon_lr", 10 ** 400),  # too
     ("weight_decay", 10 ** 400), ("widths", (8, 10 ** 20, 16, 16)),  # large to be used
+    ("lr", 1e39), ("muon_lr", 1e39), ("weight_decay", 1e39),  # too large for float32
     ("depths", (0, 200_000, 0, 0)),
     ("batch_size", 10 ** 8), ("epochs", 10 ** 6)], ids=lambda v: str(v)[:12])
 def test_a_recipe_cannot_be_built_with_a_bad_value(field, value):
@@ -532,6 +533,10 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
                          dict(recipe=asdict(recipe), classes=list(CLASSES)))
     assert cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)[0] == 0
+    (tmp_path / "run").mkdir()  # a run's model.pt names no classes: its config.json does
+    helpers.save_weights(tmp_path / "run" / "model.pt", helpers.build_model(recipe, 10),
+                         dict(recipe=asdict(recipe)))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"classes": list(CLASSES)}))
     state = torch.load(tmp_path / "w.pt", weights_only=True)  # helpers.py saves no nan: a
     state["model"]["out.1.weight"][0, 0] = float("nan")  # file made otherwise, once scored
     torch.save(state, tmp_path / "nan.pt")  # without a word
@@ -540,8 +545,14 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     assert code == 2 and "out.1.weight holds nan or inf" in one_line(err)
     for split in ("train", "test"):  # the same number of classes, named otherwise
         (png_root / split / "cat").rename(png_root / split / "kitten")
-    code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)
-    assert code == 2 and "trained on the classes" in one_line(err) and "kitten" in err
+    for weights in ("w.pt", "run/model.pt"):  # model.pt was scored, its labels shifted
+        code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / weights, "--data-dir",
+                           png_root)
+        assert code == 2 and "trained on the classes" in one_line(err) and "kitten" in err
+    (tmp_path / "run" / "config.json").unlink()  # nothing names them: scored, and said so
+    code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "run" / "model.pt",
+                         "--data-dir", png_root)
+    assert code == 0 and "names no classes: its outputs are read in the order of" in out, err
     for classes in ([1, 2, 3], [None] * 10, 5):  # a crafted file: a TypeError, with a traceback
         helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
                              dict(recipe=asdict(recipe), classes=classes))
