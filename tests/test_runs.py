@@ -1302,7 +1302,8 @@ def test_cli_high_lr_stops_with_one_line_and_saves_nothing_bad(data_dir, tmp_pat
 # Each Recipe field's option, with bad values: the error must name the option and the range
 # the field declares (some spelled out below, as a user reads them).
 RECIPE_BAD = {"epochs": ["0", "1.5"], "lr": ["0", "nan", "inf", "1e39"],
-              "batch_size": ["0", "100000000"], "weight_decay": ["-0.001"], "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
+              "batch_size": ["0", "100000000"], "weight_decay": ["-0.001"],
+              "label_smoothing": ["1"], "pct_start": ["0", "0.9"],
               "p_flip": ["2"], "p_affine": ["1.5"], "p_dropout": ["-0.1"], "act": ["tanh"],
               "widths": ["0 0 0 0", "8 100000 16 16"],
               "depths": ["-1 1 1 1", "1 0 1 1", "0 65 1 1"],
