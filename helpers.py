@@ -344,7 +344,7 @@ def _download(root: Path, timeout: float) -> None:
             CIFAR10(str(root), train=train, download=True)
     except Exception as e:  # network and disk errors come in many types
         timed_out = TimeoutError in (type(e), type(getattr(e, "reason", None)))
-        why = f"the server sent nothing for {timeout:g} s" if timed_out else str(e)
+        why = f"the server sent nothing for {timeout:g} s" if timed_out else str(e).rstrip(".")
         raise RuntimeError(f"Downloading CIFAR-10 into {root} failed: {why}. "
                            + _HOW_TO_GET_DATA) from e
     finally:
