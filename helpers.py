@@ -1486,11 +1486,12 @@ def plot_receptive_field(table: Any) -> Any:
     ax.legend(fontsize=9, loc="upper right")
     return fig
 
-def figures_folder(requested: str | os.PathLike | None, smoke: bool,
+def figures_folder(requested: str | os.PathLike | None, scratch: bool,
                    default: str = "images") -> str | None:
     """Where a notebook run saves its figures: ``requested`` ("" for nowhere), else ``default``
-    in a full run and nowhere in a smoke run (which so never replaces a full run's figures)."""
-    return (str(requested) or None) if requested is not None else (None if smoke else default)
+    after a full training run, and nowhere after a ``scratch`` one (a smoke run, or one that
+    trained nothing), which so never replaces a full run's figures."""
+    return (str(requested) or None) if requested is not None else (None if scratch else default)
 
 def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
     """Save ``fig`` as ``folder/name`` (PNG, 100 dpi); do nothing when folder is empty/None."""

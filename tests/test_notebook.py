@@ -110,7 +110,7 @@ def headless(tmp_path_factory, tiny_data):
 
 @pytest.fixture(scope="module")
 def interactive(tmp_path_factory, tiny_data):
-    return _smoke(tmp_path_factory, tiny_data)  # INTERACTIVE as committed: True
+    return _smoke(tmp_path_factory, tiny_data, RESUME=True)  # INTERACTIVE as committed: True
 
 
 # --------------------------------------------------------------------------- smoke runs
@@ -119,6 +119,7 @@ def test_smoke_runs_finish_without_errors_or_warnings(headless, interactive):
     for nb, _, _ in (headless, interactive):
         assert [o for o in _outputs(nb) if o.output_type == "error"] == []
         assert [o.text for o in _outputs(nb) if o.get("name") == "stderr"] == []
+    assert "RESUME is ignored: no checkpoint is kept" in _text(_outputs(interactive[0]))
 
 
 @pytest.mark.slow
@@ -204,11 +205,15 @@ def test_pretrained_weights_are_analysed_without_training(tmp_path_factory, tiny
     assert weights, "no committed weights in weights/"
     recipe = weights[0].name.split("-s0")[0]
     nb, before, after = _smoke(tmp_path_factory, tiny_data, INTERACTIVE=False,
-                               PRETRAINED=True, RECIPE=recipe)
+                               PRETRAINED=True, RECIPE=recipe, SEED=3, EPOCHS=2)
     assert [o for o in _outputs(nb) if o.output_type == "error"] == []
     text = _text(_outputs(nb))
     assert f"loaded weights/{recipe}-s0.pt: {recipe}, seed 0" in text and "epoch   1/" not in text
     assert "loading took" in text and after == before
+    import helpers  # the settings reported are the weights', not SEED's and EPOCHS'
+    epochs = helpers.RECIPES[recipe].epochs
+    assert f"(recipe {recipe!r}, {epochs} epochs, seed 0)" in text, text
+    assert "judged on all of it" in text and "target of 85%" not in text  # 256 images
 
 
 def test_widget_cell_never_runs_its_callback_while_executing(tmp_path):
