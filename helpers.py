@@ -84,14 +84,15 @@ class Recipe:
     batch_size: int = _setting(128, "images per optimisation step", "an integer in [1, 65536]",
                                lambda v: 1 <= v <= 65_536, "N")
     lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule (SGD, Nesterov "
-                         "momentum cycled 0.95-0.85-0.95), per step", "a finite number > 0",
+                         "momentum cycled 0.95-0.85-0.95), per step", "a number in (0, 3.4e38]",
                          lambda v: 0 < v and _finite(v), "LR")
     muon_lr: float = _setting(0.02, "peak learning rate of Muon for the dense conv weights (their "
                               "momentum, orthogonalised, is the step); 0: they keep SGD",
-                              "a finite number >= 0", lambda v: 0 <= v and _finite(v), "LR")
+                              "a number in [0, 3.4e38]", lambda v: 0 <= v and _finite(v), "LR")
     weight_decay: float = _setting(5e-4, "L2 penalty on conv and linear weights (not on "
                                    "BatchNorm, biases or Muon's weights)",
-                                   "a finite number >= 0", lambda v: 0 <= v and _finite(v), "WD")
+                                   "a number in [0, 3.4e38]", lambda v: 0 <= v and _finite(v),
+                                   "WD")
     label_smoothing: float = _setting(0.1, "share of each target spread over all classes",
                                       "a number in [0, 1)", lambda v: 0 <= v < 1, "S")
     pct_start: float = _setting(0.25, "share of all steps spent warming up", "a number in "
@@ -411,7 +412,7 @@ def compute_mean_std(images: np.ndarray, chunk: int = 10_000
         raise ValueError("expected a non-empty uint8 array of images (N, H, W, C), as "
                          f"load_cifar10 gives, got {type(images).__name__} "
                          f"{getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}")
-    if not (isinstance(chunk, int) and chunk >= 1):
+    if not (isinstance(chunk, (int, np.integer)) and chunk >= 1):
         raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
     c = images.shape[-1]
     s, s2, n, varies = np.zeros(c), np.zeros(c), 0, np.zeros(c, bool)
@@ -776,14 +777,14 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
 
 def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     """RF measured as the extent of input pixels with non-zero gradient for one centre unit
-    (on an input twice as large where it reaches the border of ``input_size``)."""
+    (where it reaches the input's border, measured again on one twice as large, up to 1024)."""
     model = copy.deepcopy(model).double().eval()
     feats = getattr(model, "features", model)
     x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
     out = feats(x)
     out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()  # the centre unit
     rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
-    if (rows.min() == 0 or rows.max() == input_size - 1) and input_size < 4096:  # cut off
+    if (rows.min() == 0 or rows.max() == input_size - 1) and input_size < 1024:  # cut off
         return empirical_receptive_field(model, 2 * input_size)  # by the input's border
     return int(rows.max() - rows.min() + 1)
 
@@ -1732,11 +1733,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise UsageError(f"{args.weights} has {model.out[-1].out_features} outputs, but "
                          f"{data.source} holds {len(data.classes)} classes")
     trained_on = state["run"].get("classes")
-    if trained_on is None:  # a run's model.pt: the config.json beside it names them
-        trained_on = _classes_beside(Path(args.weights))
-    if trained_on is None:
-        print(f"note: {args.weights} names no classes: its outputs are read in the order of "
-              f"{data.source}'s ({', '.join(data.classes)})")
+    if trained_on is None and "optimizer" in state:  # a run's model.pt: its config.json
+        trained_on = _classes_beside(Path(args.weights))  # beside it names them
     if trained_on is not None and not (type(trained_on) is list and all(
             type(c) is str for c in trained_on)):
         raise UsageError(f"{args.weights} is damaged: its classes are not a list of names")
@@ -1754,6 +1752,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     print(f"test accuracy {100 * result['test_acc']:.2f}% (flip TTA "
           f"{100 * result['test_acc_flip_tta']:.2f}%) on {len(data.y_test):,} images of "
           f"{data.source}; recipe {name}, seed {run.get('seed')}")
+    if trained_on is None:
+        print(f"note: {args.weights} names no classes: its outputs were read in the order of "
+              f"{data.source}'s ({', '.join(data.classes)})")
     return result
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -1776,9 +1777,11 @@ _LATER = ("images_sha256",)  # as _SAME, where the run recorded it (runs before 
 
 _COUNTS = {"threads": (1, 1024), "workers": (0, 64)}  # run settings that are counts: their range
 
-def _edits(told: dict, summary: dict) -> list[str]:
-    """How ``summary`` differs from what the run's other files tell (``_FREE`` aside)."""
-    a, b = (_plain({k: v for k, v in d.items() if k not in _FREE}) for d in (told, summary))
+def _edits(told: dict, summary: dict, free: Sequence[str]) -> list[str]:
+    """How ``summary`` differs from what the run's other files tell, ``free`` keys aside (a key
+    only ``summary`` holds, as a later or earlier version records, is not compared)."""
+    keys = [k for k in told if k not in free]
+    a, b = _plain({k: told[k] for k in keys}), _plain({k: summary[k] for k in keys if k in summary})
     edits = _differences(a, b) + [f"{k} missing" for k in a if k not in b]  # b's values named
     return edits or (["a setting missing"] if a != b else [])  # (one nested in another)
 
@@ -1973,7 +1976,8 @@ class _RunFolder:
                                    "median_epoch_seconds": float(np.median(
                                        [h["seconds"] for h in history])),
                                    tta: summary.get(tta)})  # checked by _check_free
-            edits = _edits(told, _with_defaults(summary))
+            moved = ("data",) if "images_sha256" in config else ()  # as refuse_changes allows
+            edits = _edits(told, _with_defaults(summary), _FREE + moved)
             agree = state["epoch"] == config["recipe"]["epochs"] and not _differences(
                 state["run"], {k: config[k] for k in ("recipe", "seed")}) and not edits
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -2002,9 +2006,10 @@ class _RunFolder:
             saved = _read_checkpoint(self.out / "weights.pt")["run"]
         except (CheckpointError, KeyError, TypeError):  # missing or damaged: written again
             return
+        if not isinstance(saved, dict):  # damaged too
+            return
         keys = (*_FREE, f"final_{split}_acc_flip_tta")
-        diffs = _differences(*(_plain({k: d.get(k) for k in keys}) if isinstance(d, dict)
-                               else {} for d in (saved, summary)))
+        diffs = _differences(*(_plain({k: d.get(k) for k in keys}) for d in (saved, summary)))
         if diffs:
             raise UsageError(f"{self.out}/summary.json and weights.pt disagree on what "
                              f"model.pt cannot tell ({'; '.join(diffs)}: weights.pt's, then "
@@ -2036,8 +2041,10 @@ class _RunFolder:
                                  f"other settings ({'; '.join(diffs)}): give its options and "
                                  "data, or --overwrite to start again")
             if diffs:
-                print(f"note: resuming with {'; '.join(diffs)}: results may differ from a run "
-                      "that was never interrupted")
+                same = all(d.startswith("data ") for d in diffs)  # the images' hash agrees
+                print(f"note: resuming with {'; '.join(diffs)}: " + (
+                    "the same images" if same else "results may differ from a run that was "
+                    "never interrupted"))
 
     def train(self, args: argparse.Namespace, model: Net, recipe: Recipe,
               train_loader: DataLoader, batches: TensorBatches, meta: dict) -> list[dict]:

@@ -993,7 +993,24 @@ def test_resume_from_the_data_moved_elsewhere_is_a_note(png_root, tmp_path, caps
     moved = png_root.rename(tmp_path / "cifar")
     code, stdout, err = cli(capsys, *train_args(moved, out, "--resume"))
     assert code == 0 and len(rows(out)) == 3, err
-    assert "note: resuming with data 'image folder png' -> 'image folder cifar'" in stdout
+    assert "note: resuming with data 'image folder png' -> 'image folder cifar': the same " \
+        "images" in stdout
+    (out / "weights.pt").unlink()  # the run, finished there, is still its own: rebuilt
+    code, _, err = cli(capsys, *train_args(moved, out, "--resume"))
+    assert code == 0 and (out / "weights.pt").exists(), err
+
+
+def test_a_run_finished_by_another_version_resumes(finished_run, data_dir, capsys):
+    """summary.json holds what the version that finished the run recorded: a fingerprint that
+    config.json (written by an earlier version) lacks, a figure a later version dropped."""
+    config = json.loads((finished_run / "config.json").read_text())
+    del config["images_sha256"]
+    (finished_run / "config.json").write_text(json.dumps(config))
+    summary = json.loads((finished_run / "summary.json").read_text())
+    (finished_run / "summary.json").write_text(json.dumps(dict(summary, median_images_per_s=812.5)))
+    (finished_run / "weights.pt").unlink()
+    code, _, err = cli(capsys, *train_args(data_dir, finished_run, "--epochs", "1", "--resume"))
+    assert code == 0 and (finished_run / "weights.pt").exists(), err
 
 
 @pytest.mark.parametrize("damage", ["cut", "other weights"])
@@ -1313,7 +1330,7 @@ assert set(RECIPE_BAD) == set(WORDS)  # every field's option is tried
 BAD_OPTIONS = [(["--" + name.replace("_", "-"), *value.split()],
                 f"--{name.replace('_', '-')}: expected {WORDS[name]}, got")
                for name, values in RECIPE_BAD.items() for value in values] + [
-    (["--lr", "0"], "--lr: expected a finite number > 0"),
+    (["--lr", "0"], "--lr: expected a number in (0, 3.4e38]"),
     (["--depths", "1", "0", "1", "1"], "--depths: expected four integers in [0, 64] with D2 >= 1"),
     (["--widths", "8", "16", "16"], "--widths: expected 4 arguments"),
     (["--val-fraction", "-0.2"], "--val-fraction: expected a number in (0, 1)"),

@@ -534,8 +534,9 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
                          dict(recipe=asdict(recipe), classes=list(CLASSES)))
     assert cli(capsys, "evaluate", "--weights", tmp_path / "w.pt", "--data-dir", png_root)[0] == 0
     (tmp_path / "run").mkdir()  # a run's model.pt names no classes: its config.json does
-    helpers.save_weights(tmp_path / "run" / "model.pt", helpers.build_model(recipe, 10),
-                         dict(recipe=asdict(recipe)))
+    helpers.save_checkpoint(tmp_path / "run" / "model.pt", dict(
+        model=helpers.build_model(recipe, 10).state_dict(), optimizer={},
+        run=dict(recipe=asdict(recipe))))
     (tmp_path / "run" / "config.json").write_text(json.dumps({"classes": list(CLASSES)}))
     state = torch.load(tmp_path / "w.pt", weights_only=True)  # helpers.py saves no nan: a
     state["model"]["out.1.weight"][0, 0] = float("nan")  # file made otherwise, once scored
@@ -552,7 +553,7 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     (tmp_path / "run" / "config.json").unlink()  # nothing names them: scored, and said so
     code, out, err = cli(capsys, "evaluate", "--weights", tmp_path / "run" / "model.pt",
                          "--data-dir", png_root)
-    assert code == 0 and "names no classes: its outputs are read in the order of" in out, err
+    assert code == 0 and "names no classes: its outputs were read in the order of" in out, err
     for classes in ([1, 2, 3], [None] * 10, 5):  # a crafted file: a TypeError, with a traceback
         helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe, 10),
                              dict(recipe=asdict(recipe), classes=classes))
