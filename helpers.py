@@ -1290,10 +1290,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     """The ``Net`` of a weights file or checkpoint, in eval mode, and all the file holds."""
     state = _read_checkpoint(path)
     try:
-        recipe = Recipe(**state["run"]["recipe"])
-        model = build_model(recipe, num_classes=len(state["model"]["out.1.bias"]))
+        recipe, classes = Recipe(**state["run"]["recipe"]), len(state["model"]["out.1.bias"])
+        with torch.device("meta"):  # shapes only: a net too large to build is not built
+            want = build_model(recipe, num_classes=classes).state_dict()
+        if want.keys() != state["model"].keys() or any(
+                tuple(state["model"][k].shape) != tuple(v.shape) for k, v in want.items()):
+            raise ValueError("its tensors are not those of its recipe's net")
+        model = build_model(recipe, num_classes=classes)
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
     bad = _first_non_finite(state["model"])  # it would be scored without a word
     if bad is not None:

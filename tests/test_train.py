@@ -434,6 +434,11 @@ def test_load_model_of_a_missing_or_foreign_file(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(helpers.CheckpointError, match="other.pt holds no model"):
         helpers.load_model(tmp_path / "other.pt")
+    recipe = helpers.Recipe(widths=TINY)  # a small file whose recipe asks for the largest net:
+    helpers.save_weights(tmp_path / "w.pt", helpers.build_model(recipe), dict(recipe=asdict(
+        replace(recipe, widths=(4096,) * 4, depths=(64,) * 4))))  # built, it took ~80 GB
+    with pytest.raises(helpers.CheckpointError, match="not those of its recipe's net"):
+        helpers.load_model(tmp_path / "w.pt")
 
 
 # --------------------------------------------------------------------------- the commands
