@@ -223,7 +223,7 @@ def _batch(d: dict) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"it holds {len(x)} images but {len(y)} labels")
     return x, y
 
-_NO_IMAGES = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))  # a split not read
+_NO_IMAGES = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))  # not read, or empty
 
 def _load_batches(folder: Path, splits: Sequence[str]) -> CifarData:
     """Read the official ``cifar-10-batches-py`` folder (of its two splits, ``splits``)."""
@@ -313,12 +313,9 @@ def _load_image_folder(root: Path, splits: Sequence[str]) -> CifarData:
                            lambda p: p.parent.parent.name + "/" + p.parent.name)
     arrays = []
     for split in ("train", "test"):
-        if split not in splits:
-            arrays += _NO_IMAGES
-            continue
-        images = [_read_image(p) for p, _ in files[split]]
-        arrays += [np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8),
-                   np.asarray([label for _, label in files[split]], np.int64)]
+        chosen = files[split] if split in splits else []
+        arrays += ([np.stack([_read_image(p) for p, _ in chosen]),
+                    np.asarray([label for _, label in chosen], np.int64)] if chosen else _NO_IMAGES)
     return CifarData(*arrays, tuple(classes), f"image folder {root.name}")
 
 _HOW_TO_GET_DATA = (
@@ -816,8 +813,9 @@ def check_rules(model: nn.Module, input_size: int = 32) -> Any:
                  if a.groups > 1 and a.groups == a.in_channels and b.kernel_size == (1, 1)
                  and b.groups == 1 and b.in_channels == a.out_channels)
     dilated = sum(1 for c in convs if max(c.dilation) > 1)
-    gap = [r for r in recs if isinstance(r["module"], nn.AdaptiveAvgPool2d)
-           and r["out_shape"][-2:] == (1, 1)]
+    gap = [r for r in recs if r["out_shape"][-2:] == (1, 1) and (  # AvgPool2d(4) on 4x4 counts
+        isinstance(r["module"], nn.AdaptiveAvgPool2d) or isinstance(r["module"], nn.AvgPool2d)
+        and _pair(r["module"].kernel_size) >= r["in_shape"][-1])]
     blocks = [n for n in ("c1", "c2", "c3", "c4") if hasattr(model, n)]
     rf = int(receptive_field_table(model, input_size)["rf_out"].iloc[-1])
     downs, n_params = _downsamplers(model, recs), count_parameters(model)

@@ -290,6 +290,17 @@ def test_plain_model_fails_the_right_rules():
     assert df.loc["receptive field", "measured"] == "7"
 
 
+@pytest.mark.parametrize("pool, counts", [
+    (nn.AvgPool2d(32), True),                # its window is the whole 32x32 map
+    (nn.AvgPool2d(2, stride=32), False),     # 1x1 out, but from the top-left 2x2 pixels only
+    (nn.AdaptiveAvgPool2d(2), False)])
+def test_global_average_pooling_is_any_pool_that_averages_the_whole_map(pool, counts):
+    model = _Plain()
+    model.gap = pool
+    model.out = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    assert _rules(model)["global average pooling"] == counts
+
+
 def test_check_rules_does_not_change_training_mode():
     model = helpers.Net(SMALL).train()
     helpers.check_rules(model)
