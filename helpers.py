@@ -1816,7 +1816,7 @@ class _RunFolder:
     ``.overwriting`` marks ``.replaced`` and ``.discarded`` as made by --overwrite."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.aside, self.epoch = out, out / ".replaced", 0
+        self.out, self.aside, self.epoch, self.created = out, out / ".replaced", 0, []
         self.mark, self.discarded = out / ".overwriting", out / ".discarded"
 
     def __enter__(self) -> _RunFolder:
@@ -1831,8 +1831,6 @@ class _RunFolder:
                                      "run set aside by --overwrite is kept: choose another --out")
         except OSError as e:  # a name too long
             raise UsageError(f"argument --out: {e.strerror}: {self.out}") from None
-        self.created = [r for r in dict.fromkeys(os.path.realpath(p) for p in (
-            self.out, *self.out.parents)) if not os.path.exists(r)]  # as resolved: a/../b is b
         self._take_lock()
         self._refuse_what_overwrite_did_not_make()
         for path in (self.out / name for name in _RUN_FILES):
@@ -1849,34 +1847,58 @@ class _RunFolder:
 
     def _take_lock(self) -> None:
         """Lock ``.lock`` (a file, never a link) against any other command, and write our PID."""
-        lock = self.out / ".lock"
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if lock.is_symlink():  # opened, it would write into the file it points to
-                raise UsageError(f"argument --out: {lock} is a link: move it away")
-            self.lock = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(
-                os, "O_NOFOLLOW", 0)), "r+")
-        except OSError as e:  # (strerror is None for some failures, as with a pipe)
-            self._remove_created()  # a name too long: the folders made for it go again
-            raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
-                             ) from None
-        if os.fstat(self.lock.fileno()).st_nlink > 1:  # a hard link: another file's content
+        lock, nofollow = self.out / ".lock", getattr(os, "O_NOFOLLOW", 0)
+        for attempt in itertools.count():  # until the file locked is .lock, not one deleted
+            try:  # by a command that ended (it removes the .lock and --out it made)
+                self._make_folders()
+                if lock.is_symlink():  # opened, it would write into the file it points to
+                    raise UsageError(f"argument --out: {lock} is a link: move it away")
+                try:
+                    fd, self.made_lock = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                                                 | nofollow, 0o666), True
+                except FileExistsError:
+                    fd, self.made_lock = os.open(lock, os.O_RDWR | nofollow), False
+            except OSError as e:  # (strerror is None for some failures, as with a pipe)
+                if isinstance(e, (FileNotFoundError, FileExistsError)) and attempt < 100:
+                    continue  # --out or .lock deleted meanwhile by a command that ended
+                self._remove_created()  # a name too long: the folders made for it go again
+                raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
+                                 ) from None
+            self.lock = os.fdopen(fd, "r+")
+            if os.fstat(fd).st_nlink > 1:  # a hard link: another file's content
+                self.lock.close()
+                raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")
+            try:
+                import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
+                fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not workers
+            except OSError:
+                time.sleep(0.1)  # its holder writes its PID just after locking
+                raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
+                                 f"{self.lock.read().strip() or 'not yet written'}): wait for it "
+                                 "to end, or choose another --out") from None
+            except ImportError:
+                break
+            try:
+                if os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
             self.lock.close()
-            raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")
-        try:
-            import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
-            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not its workers
-        except OSError:
-            raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
-                             f"{self.lock.read().strip()}): wait for it to end, or choose "
-                             "another --out") from None
-        except ImportError:
-            pass
         try:
             self.lock.truncate(0)
             print(os.getpid(), file=self.lock, flush=True)
         except OSError as e:  # a file-size limit, a full disk
             raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror}") from None
+
+    def _make_folders(self) -> None:
+        """Make ``--out`` and its missing parents, noting each one made (for a refused command
+        to remove again)."""
+        for folder in (*reversed(self.out.parents), self.out):
+            try:
+                os.mkdir(folder)
+                self.created.insert(0, os.path.realpath(folder))  # as resolved: a/../b is b
+            except FileExistsError:
+                pass
 
     def _refuse_what_overwrite_did_not_make(self) -> None:
         """Refuse a .replaced or .discarded that is not marked as made by --overwrite or holds
@@ -1905,8 +1927,15 @@ class _RunFolder:
             self._restore()
         if os.name == "nt":  # Windows deletes no open file (and this code locks none there)
             self.lock.close()
-        if self.created and not any(p.name != ".lock" for p in self.out.iterdir()):
-            (self.out / ".lock").unlink()  # refused before anything was written: as it was
+        if (self.created or self.made_lock) and not any(
+                p.name != ".lock" for p in self.out.iterdir()):  # refused before writing
+            out = self.out  # anything: left as it was
+            if os.path.realpath(out) in self.created:  # moved first, so that a command that
+                out = out.parent / f".gone.{os.getpid()}"  # starts now makes an --out of its own
+                os.replace(self.out, out)
+            (out / ".lock").unlink()
+            if out != self.out:
+                out.rmdir()
             self._remove_created()  # (still locked: no other command is using them)
         self.lock.close()
 

@@ -475,6 +475,51 @@ def test_one_writer_per_run_folder(data_dir, tmp_path, capsys):
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]  # no row twice
 
 
+def test_a_lock_file_deleted_before_it_is_locked_is_made_again(data_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """Another command that ends (refused) deletes the .lock it made; one that opened that file
+    just before locks a file without a name, and a third command would not be refused. The
+    command must lock the .lock that the folder holds."""
+    import fcntl
+    out, real, calls = tmp_path / "run", fcntl.lockf, []
+
+    def lockf(f, op):
+        calls.append(op)
+        if len(calls) == 1:
+            (out / ".lock").unlink()  # as the command that made it does when refused
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "lockf", lockf)
+    code, _, err = cli(capsys, *train_args(data_dir, out))
+    assert code == 0, err
+    assert len(calls) == 2 and (out / ".lock").is_file()
+    assert (out / ".lock").stat().st_mode & 0o111 == 0  # not executable
+
+
+def test_a_lock_holder_that_has_not_written_its_pid_yet(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = cli(capsys, *train_args(data_dir, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and "in use by another command (PID not yet written)" in one_line(err)
+
+
+def test_a_refused_command_leaves_the_users_empty_folder_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    code, _, err = cli(capsys, *train_args(tmp_path / "no-data", out))
+    assert code == 2 and "no-data" in one_line(err)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_a_stop_between_the_last_checkpoint_and_its_log_row_loses_no_row(
         data_dir, tmp_path, capsys, monkeypatch):
     """Stopped once model.pt holds epoch 3 but before log.jsonl has its row: the message names
