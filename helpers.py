@@ -1817,6 +1817,7 @@ class _RunFolder:
 
     def __init__(self, out: Path) -> None:
         self.out, self.aside, self.epoch, self.created = out, out / ".replaced", 0, []
+        self.made_lock = False  # whether this command made .lock (then it removes it if refused)
         self.mark, self.discarded = out / ".overwriting", out / ".discarded"
 
     def __enter__(self) -> _RunFolder:
@@ -1846,44 +1847,60 @@ class _RunFolder:
         return self
 
     def _take_lock(self) -> None:
-        """Lock ``.lock`` (a file, never a link) against any other command, and write our PID."""
-        lock, nofollow = self.out / ".lock", getattr(os, "O_NOFOLLOW", 0)
-        for attempt in itertools.count():  # until the file locked is .lock, not one deleted
-            try:  # by a command that ended (it removes the .lock and --out it made)
+        """Lock ``.lock`` (a file, never a link) against any other command, and write our PID.
+        A command refused before writing anything deletes the ``.lock`` it made: if the file
+        locked here has lost its name meanwhile, this starts again with the one now there."""
+        lock = self.out / ".lock"
+        try:
+            import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this process
+        except ImportError:
+            fcntl = None
+        for _ in range(100):
+            self.lock = os.fdopen(self._open_lock(lock), "r+")
+            if os.fstat(self.lock.fileno()).st_nlink > 1:  # a hard link: another file's content
+                self.lock.close()
+                raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")
+            if fcntl is None:
+                return self._write_pid(lock)
+            try:
+                fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not its loader workers
+            except OSError:
+                time.sleep(0.1)  # its holder writes its PID just after locking
+                pid = self.lock.read().strip() or "not yet written"
+                raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
+                                 f"{pid}): wait for it to end, or choose another --out") from None
+            try:
+                if os.path.samestat(os.fstat(self.lock.fileno()), os.lstat(lock)):
+                    return self._write_pid(lock)
+            except FileNotFoundError:
+                pass
+            self.lock.close()
+        raise UsageError(f"argument --out: {lock} keeps being deleted by other commands")
+
+    def _open_lock(self, lock: Path) -> int:
+        """Make ``--out`` and open its ``.lock``, made (``made_lock``) if missing."""
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        for attempt in itertools.count():
+            try:
                 self._make_folders()
                 if lock.is_symlink():  # opened, it would write into the file it points to
                     raise UsageError(f"argument --out: {lock} is a link: move it away")
                 try:
-                    fd, self.made_lock = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL
-                                                 | nofollow, 0o666), True
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o666)
+                    self.made_lock = True
+                    return fd
                 except FileExistsError:
-                    fd, self.made_lock = os.open(lock, os.O_RDWR | nofollow), False
+                    self.made_lock = False
+                    return os.open(lock, os.O_RDWR | nofollow)
             except OSError as e:  # (strerror is None for some failures, as with a pipe)
-                if isinstance(e, (FileNotFoundError, FileExistsError)) and attempt < 100:
+                if isinstance(e, FileNotFoundError) and attempt < 99:
                     continue  # --out or .lock deleted meanwhile by a command that ended
                 self._remove_created()  # a name too long: the folders made for it go again
                 raise UsageError(f"argument --out: cannot write to {lock}: {e.strerror or e}"
                                  ) from None
-            self.lock = os.fdopen(fd, "r+")
-            if os.fstat(fd).st_nlink > 1:  # a hard link: another file's content
-                self.lock.close()
-                raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")
-            try:
-                import fcntl  # POSIX only (elsewhere no lock); a record lock ends with this
-                fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # process, not workers
-            except OSError:
-                time.sleep(0.1)  # its holder writes its PID just after locking
-                raise UsageError(f"argument --out: {self.out} is in use by another command (PID "
-                                 f"{self.lock.read().strip() or 'not yet written'}): wait for it "
-                                 "to end, or choose another --out") from None
-            except ImportError:
-                break
-            try:
-                if os.path.samestat(os.fstat(fd), os.lstat(lock)):
-                    break
-            except FileNotFoundError:
-                pass
-            self.lock.close()
+
+    def _write_pid(self, lock: Path) -> None:
+        """Write this process's PID into ``.lock``, for a command refused to name."""
         try:
             self.lock.truncate(0)
             print(os.getpid(), file=self.lock, flush=True)
@@ -1894,11 +1911,12 @@ class _RunFolder:
         """Make ``--out`` and its missing parents, noting each one made (for a refused command
         to remove again)."""
         for folder in (*reversed(self.out.parents), self.out):
-            try:
-                os.mkdir(folder)
-                self.created.insert(0, os.path.realpath(folder))  # as resolved: a/../b is b
-            except FileExistsError:
-                pass
+            if not os.path.isdir(folder):
+                try:
+                    os.mkdir(folder)
+                    self.created.insert(0, os.path.realpath(folder))  # as resolved: a/../b is b
+                except FileExistsError:  # made meanwhile by another command
+                    pass
 
     def _refuse_what_overwrite_did_not_make(self) -> None:
         """Refuse a .replaced or .discarded that is not marked as made by --overwrite or holds
@@ -1928,14 +1946,8 @@ class _RunFolder:
         if os.name == "nt":  # Windows deletes no open file (and this code locks none there)
             self.lock.close()
         if (self.created or self.made_lock) and not any(
-                p.name != ".lock" for p in self.out.iterdir()):  # refused before writing
-            out = self.out  # anything: left as it was
-            if os.path.realpath(out) in self.created:  # moved first, so that a command that
-                out = out.parent / f".gone.{os.getpid()}"  # starts now makes an --out of its own
-                os.replace(self.out, out)
-            (out / ".lock").unlink()
-            if out != self.out:
-                out.rmdir()
+                p.name != ".lock" for p in self.out.iterdir()):
+            (self.out / ".lock").unlink(missing_ok=True)  # refused before writing anything
             self._remove_created()  # (still locked: no other command is using them)
         self.lock.close()
 
