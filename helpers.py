@@ -1290,11 +1290,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     try:
         recipe, classes = Recipe(**state["run"]["recipe"]), len(state["model"]["out.1.bias"])
         with torch.device("meta"):  # shapes only: a net too large to build is not built
-            want = build_model(recipe, num_classes=classes).state_dict()
+            model = build_model(recipe, num_classes=classes)
+        want = model.state_dict()
         if want.keys() != state["model"].keys() or any(
                 tuple(state["model"][k].shape) != tuple(v.shape) for k, v in want.items()):
             raise ValueError("its tensors are not those of its recipe's net")
-        model = build_model(recipe, num_classes=classes)
+        model = model.to_empty(device="cpu")  # memory only: every tensor comes from the file
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
