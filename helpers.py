@@ -775,7 +775,7 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
 def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
     """RF measured as the extent of input pixels with non-zero gradient for one centre unit
     (where it reaches the input's border, measured again on one twice as large, up to 1024)."""
-    model = copy.deepcopy(model).double().eval()
+    model = copy.deepcopy(model).cpu().double().eval()  # on the CPU: MPS has no float64
     feats = getattr(model, "features", model)
     x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
     out = feats(x)
@@ -975,8 +975,8 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
 
     ``eval_batches`` are scored after each epoch for the log only (the model returned is the
     last one). ``checkpoint`` is saved after every epoch; ``resume`` continues from it (or
-    starts). ``log`` gets the history after each epoch (default: print the new row). A run
-    that diverges stops with FloatingPointError before that epoch is saved.
+    starts). ``log`` gets the history after each epoch (default: print the new row, its scores
+    labelled "test"). A run that diverges stops with FloatingPointError before it is saved.
     """
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
@@ -1433,7 +1433,7 @@ def plot_history(history: Sequence[dict], split: str = "test") -> Any:
         ax.plot(ep, [scale * h[f"eval_{what}"] for h in history], marker="o", label=split)
     axes[1].axhline(85, color="grey", ls="--", lw=1, label="85% target")
     axes[2].plot(ep, [h["lr"] for h in history], marker="o")
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate at epoch start")):
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "SGD's learning rate at epoch start")):
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -1459,13 +1459,13 @@ def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels
     return _image_grid(panels, cols, size=2.0)
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Any:
-    """The confusion matrix with each row as % of its true class (each row sums to 100)."""
+    """The confusion matrix with each row as % of its true class, to 0.1 (rows sum to 100)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     share = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(8, 6.5), layout="tight")
-    sns.heatmap(share, annot=True, fmt=".0f", cmap="Blues", xticklabels=classes,
-                yticklabels=classes, ax=ax, cbar=False, vmin=0, vmax=100)
+    sns.heatmap(share, annot=True, fmt=".1f", annot_kws={"size": 9}, cmap="Blues",
+                xticklabels=classes, yticklabels=classes, ax=ax, cbar=False, vmin=0, vmax=100)
     ax.set(xlabel="predicted", ylabel="true", title="% of each true class")
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")  # no touching
     return fig

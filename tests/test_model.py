@@ -437,3 +437,13 @@ def test_build_model_takes_a_recipe_made_from_lists():
     assert helpers.count_parameters(model) == helpers.count_parameters(
         helpers.Net(SMALL, (1, 1, 2, 1)))
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_model_is_measured_where_it_lives_on_the_gpu():
+    """The notebook moves the net to the GPU before measuring it; each measure works there and
+    leaves it there."""
+    model = helpers.Net().cuda()
+    assert helpers.empirical_receptive_field(model) == _final_rf(model) == 81
+    assert helpers.check_rules(model)["passed"].all()
+    assert helpers.count_macs(model) == helpers.count_macs(helpers.Net())
+    assert next(model.parameters()).is_cuda
