@@ -920,7 +920,7 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a uint8 batch: (loss, correct predictions), on the device."""
     x, y = to_input(x, t.device), y.to(t.device, non_blocking=True)
-    with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.device.type == "cuda"):
+    with torch.autocast("cuda", dtype=torch.float16, enabled=t.device.type == "cuda"):
         logits = t.model(x)
         loss = t.criterion(logits, y)
     if check and not torch.isfinite(loss):  # before the update: the weights stay finite
@@ -1052,7 +1052,7 @@ def predict_logits(model: nn.Module, batches: Iterable, tta: bool = False
     logits, labels = [], []
     for x, y in batches:
         x = to_input(x, device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             out = model(x).float()
             if tta:
                 out = (out + model(torch.flip(x, dims=[3])).float()) / 2
@@ -1249,7 +1249,8 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
         t.optimizer.load_state_dict(state["optimizer"])
         if t.scheduler is not None:
             t.scheduler.load_state_dict(state["scheduler"])
-        t.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] != {} or not t.scaler.is_enabled():  # {}: saved where it was off
+            t.scaler.load_state_dict(state["scaler"])  # (CPU, MPS): on a GPU it starts afresh
         if any(v.shape != p.shape for p, s in t.optimizer.state.items() for v in s.values()
                if torch.is_tensor(v) and v.ndim):  # torch checks this only at the next step
             raise ValueError("the optimizer's state does not match the weights")

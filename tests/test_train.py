@@ -379,6 +379,38 @@ def test_fit_checkpoint_is_a_plain_dict_that_resumes(random_data, cpu, tmp_path)
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any other file
 
 
+
+class _Stop(Exception):
+    """Raised by a ``log`` to end ``fit`` after an epoch is saved, as a disconnect would."""
+
+
+def test_a_run_begun_without_loss_scaling_resumes_with_it(random_data, cpu, tmp_path,
+                                                          monkeypatch):
+    """A checkpoint saved where the loss scaler is off (the CPU, MPS: saved as {}) continues
+    where it is on (a GPU): that scaler starts afresh instead of the checkpoint being refused."""
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    path, recipe = tmp_path / "model.pt", _tiny(epochs=2)
+
+    def stop(rows):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        helpers.fit(helpers.Net(TINY), recipe, train, test, path, progress=False, log=stop)
+    assert torch.load(path, weights_only=True)["scaler"] == {}
+    start = helpers.start_training
+
+    def scaled(model, recipe, steps_per_epoch):  # the scaler on, as start_training has it on a GPU
+        t = start(model, recipe, steps_per_epoch)
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        return t
+
+    monkeypatch.setattr(helpers, "start_training", scaled)
+    history = helpers.fit(helpers.Net(TINY), recipe, train, test, path, resume=True,
+                          progress=False, log=lambda rows: None)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert torch.load(path, weights_only=True)["scaler"]["scale"] == 2.0 ** 8
+
+
 def _umask() -> int:
     import os
     mask = os.umask(0)
