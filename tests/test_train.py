@@ -379,6 +379,12 @@ def test_fit_checkpoint_is_a_plain_dict_that_resumes(random_data, cpu, tmp_path)
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # like any other file
 
 
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 class _Stop(Exception):
     """Raised by a ``log`` to end ``fit`` after an epoch is saved, as a disconnect would."""
@@ -409,13 +415,6 @@ def test_a_run_begun_without_loss_scaling_resumes_with_it(random_data, cpu, tmp_
                           progress=False, log=lambda rows: None)
     assert [row["epoch"] for row in history] == [1, 2]
     assert torch.load(path, weights_only=True)["scaler"]["scale"] == 2.0 ** 8
-
-
-def _umask() -> int:
-    import os
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_save_weights_and_load_model_round_trip(tmp_path):
