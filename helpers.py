@@ -929,7 +929,12 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
     t.scaler.scale(loss).backward()
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    if t.scheduler is not None:
+    if t.scheduler is not None and t.scheduler.last_epoch == 0:
+        with warnings.catch_warnings():  # the scaler may have skipped this first step (float16
+            # overflowed): the schedule counts batches all the same, so torch's warning is moot
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+            t.scheduler.step()
+    elif t.scheduler is not None:
         t.scheduler.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -1356,9 +1361,24 @@ def class_report(labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) 
     return pd.DataFrame({"precision %": 100 * p, "recall %": 100 * r, "F1 %": 100 * f1,
                          "images": support}, index=pd.Index(classes, name="class")).round(1)
 
+def _unit_centres(model: nn.Module, layer: nn.Module, input_size: int) -> tuple[float, int]:
+    """Where the units of ``layer``'s output sit on the input: (the first one's receptive-field
+    centre, the spacing between them), from the convs that run up to it (padding p of a kernel
+    spanning k_eff moves the centre by ((k_eff - 1)/2 - p) * jump_in)."""
+    table = receptive_field_table(model, input_size)
+    name = next(n for n, m in model.named_modules() if m is layer)
+    mine = [i for i, m in enumerate(table.module) if m == name or m.startswith(f"{name}.")
+            or not name]
+    if not mine:
+        raise ValueError(f"grad_cam: the layer {name!r} holds no conv or pooling layer")
+    centre = sum((r.dilation * (r.kernel - 1) / 2 - r.padding) * r.jump_in
+                 for r in table.iloc[:mine[-1] + 1].itertuples())
+    return float(centre), int(table.jump_out.iloc[mine[-1]])
+
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
              class_idx: Sequence[int] | None = None) -> np.ndarray:
-    """Grad-CAM heat maps (N, H, W) in 0..1 for ``class_idx`` (default: the prediction)."""
+    """Grad-CAM heat maps (N, H, W) in 0..1 for ``class_idx`` (default: the prediction), each
+    of ``layer``'s units drawn at the centre of its receptive field."""
     store: dict[str, torch.Tensor] = {}
     h = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
     was_training = model.training
@@ -1374,7 +1394,13 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
         h.remove()
         model.train(was_training)
     cam = F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    # each unit's value placed at the centre of its receptive field, bilinear in between
+    centre, jump = _unit_centres(model, layer, x.shape[-1])
+    g = [2 * (torch.arange(n, device=cam.device) - centre) / jump / max(m - 1, 1) - 1
+         for n, m in zip(x.shape[-2:], cam.shape[-2:])]  # pixel -> unit: -1..1 over the units
+    grid = torch.stack(torch.meshgrid(g[1], g[0], indexing="xy"), -1).to(cam.dtype)
+    cam = F.grid_sample(cam, grid.expand(len(cam), -1, -1, -1), padding_mode="border",
+                        align_corners=True)[:, 0]
     cam = cam - cam.amin((1, 2), keepdim=True)
     return (cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-8)).detach().cpu().numpy()
 

@@ -380,7 +380,7 @@ def test_each_exercise_names_the_cell_to_change_and_what_to_look_at():
     exercises = re.split(r"\n\d\. ", text.split("**Exercises**")[1])[1:]
     assert len(exercises) >= 5
     for ex in exercises:
-        assert re.search(r"\*[A-Z][a-z]+ cell\*", ex) and re.search(r"[Ll]ook at", ex), ex
+        assert re.search(r"\*[A-Z][a-z]+ cell\*", ex) and re.search(r"[Ll]ook\s+at", ex), ex
 
 
 def test_notebook_speaks_of_old_argument_names_consistently():

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report as sk_classification_report
@@ -203,10 +204,9 @@ def _manual_grad_cam(model, x, layer, classes):
     score = logits[torch.arange(len(x)), torch.as_tensor(classes)].sum()
     (grads,) = torch.autograd.grad(score, act)
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    cam = torch.relu((weights * act).sum(1))
     out = []
-    for c in cam.detach().numpy():
+    for c in cam.detach().numpy():  # one value per unit of the layer
         c = c - c.min()
         out.append(c / c.max() if c.max() > 1e-8 else c)
     return np.stack(out)
@@ -219,8 +219,28 @@ def test_grad_cam_shape_range_and_value():
     cams = helpers.grad_cam(model, x, model.c3, class_idx=[1, 2, 3])
     assert cams.shape == (3, 32, 32)
     assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
-    np.testing.assert_allclose(cams, _manual_grad_cam(model, x, model.c3, [1, 2, 3]),
+    # C3's 8x8 units are centred on pixels 0, 4, ..., 28 (two stride-2 convs of padding 1)
+    np.testing.assert_allclose(cams[:, ::4, ::4], _manual_grad_cam(model, x, model.c3, [1, 2, 3]),
                                atol=1e-4)
+
+
+def test_grad_cam_puts_each_unit_at_the_centre_of_its_receptive_field():
+    # stride 2 twice, then a dilated 3x3 without padding (the extra credit's downsampler):
+    # the 4x4 units are centred on pixels 8, 12, 16, 20; kernels heavier at the centre make the
+    # unit centred on a lone bright pixel the hottest, so the map must peak on that pixel
+    convs = [nn.Conv2d(3, 1, 3, 2, 1, bias=False), nn.Conv2d(1, 1, 3, 2, 1, bias=False),
+             nn.Conv2d(1, 1, 3, dilation=2, bias=False)]
+    for conv in convs:
+        nn.init.ones_(conv.weight)
+        conv.weight.data[..., 1, 1] = 4.0
+    layer = nn.Sequential(*convs)
+    model = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    nn.init.ones_(model[-1].weight)  # class 0 grows with every unit: its map is the layer's
+    x = torch.zeros(2, 3, 32, 32)
+    x[0, :, 12, 16] = x[1, :, 16, 12] = 1.0
+    for image, pixel in zip(helpers.grad_cam(model, x, layer, class_idx=[0, 0]), [(12, 16),
+                                                                                  (16, 12)]):
+        assert image[pixel] == 1.0 and (image == 1.0).sum() == 1
 
 
 def test_grad_cam_defaults_to_prediction_and_keeps_mode():
@@ -232,7 +252,8 @@ def test_grad_cam_defaults_to_prediction_and_keeps_mode():
     assert not any(m._forward_hooks for m in model.modules())  # hook removed
     with torch.no_grad():
         pred = model.eval()(x).argmax(1).tolist()
-    np.testing.assert_allclose(cams, _manual_grad_cam(model, x, model.c2, pred), atol=1e-4)
+    np.testing.assert_allclose(cams[:, ::2, ::2], _manual_grad_cam(model, x, model.c2, pred),
+                               atol=1e-4)  # C2's 16x16 units: pixels 0, 2, ..., 30
 
 
 # --------------------------------------------------------------------------- plots
@@ -358,7 +379,7 @@ def test_plot_mistakes_image_above_its_grad_cam(images, tiny_net, cpu, n):
         cam = max(below, key=lambda ax: ax.get_position().y0)  # the panel right below
         np.testing.assert_array_equal(shown(top), images[i])
         np.testing.assert_array_equal(shown(cam, 0), images[i])
-        np.testing.assert_allclose(shown(cam, 1), want[k], atol=1e-4)
+        np.testing.assert_allclose(shown(cam, 1)[::8, ::8], want[k], atol=1e-4)  # 0, 8, .., 24
     assert len(_rows_of(axes)) == 2 * -(-n // 5)  # at most 5 a row, each with its maps
 
 

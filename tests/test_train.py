@@ -6,6 +6,7 @@ import json
 import math
 import random
 import subprocess
+import warnings
 from dataclasses import asdict, fields, replace
 
 import numpy as np
@@ -125,6 +126,24 @@ def test_train_step_stops_on_nan_loss_before_the_update(random_data, cpu):
     with pytest.raises(FloatingPointError, match="nan"):
         helpers.train_step(t, x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_step_the_loss_scaler_skips_moves_the_schedule_on_without_a_warning(random_data,
+                                                                               cpu):
+    x, y = torch.as_tensor(random_data[0][:16]), torch.as_tensor(random_data[1][:16])
+    model = helpers.Net(TINY)
+    t = helpers.start_training(model, _tiny(), steps_per_epoch=4)
+    # as on a GPU, where float16 gradients often overflow at the first steps' loss scale
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    criterion = t.criterion
+    t.criterion = lambda logits, labels: 1e10 * criterion(logits, labels)  # gradients inf
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        helpers.train_step(t, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped
+    assert t.scheduler.last_epoch == 1 and t.scaler.get_scale() < 2.0 ** 127
 
 
 def test_train_one_epoch_returns_mean_loss_accuracy_and_images(cpu):
