@@ -75,6 +75,10 @@ def _finite(v: float) -> bool:
     except OverflowError:
         return False
 
+def _plain_number(v: Any) -> Any:
+    """A NumPy integer or float as Python's; anything else as it is."""
+    return int(v) if isinstance(v, np.integer) else float(v) if isinstance(v, np.floating) else v
+
 @dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of one training recipe; a bad value cannot be built."""
@@ -120,7 +124,11 @@ class Recipe:
         for f in fields(self):
             if isinstance(f.default, tuple) and isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))  # e.g. from JSON
-            value, meta = getattr(self, f.name), f.metadata
+            value = getattr(self, f.name)  # NumPy numbers as Python's (the recipe goes to JSON)
+            plain = (tuple(map(_plain_number, value)) if isinstance(value, tuple)
+                     else _plain_number(value))
+            object.__setattr__(self, f.name, plain)
+            value, meta = plain, f.metadata
             items = value if isinstance(f.default, tuple) else (value,)
             kind = str if isinstance(f.default, str) else (
                 int if isinstance(f.default, (int, tuple)) else (int, float))

@@ -78,6 +78,15 @@ def test_a_recipe_is_frozen_and_takes_lists_from_json():
         r.lr = -1
 
 
+def test_a_recipe_takes_numpy_numbers_as_pythons():
+    r = helpers.Recipe(epochs=np.int64(20), lr=np.float32(0.5), widths=[np.int16(8), 16, 16, 16])
+    assert (r.epochs, r.lr, r.widths) == (20, 0.5, TINY)
+    assert type(r.epochs) is int and type(r.lr) is float and type(r.widths[0]) is int
+    assert helpers.Recipe(**json.loads(json.dumps(asdict(r)))) == r
+    with pytest.raises(ValueError, match="^Recipe.epochs: expected"):
+        helpers.Recipe(epochs=np.bool_(True))
+
+
 def test_defaults_come_from_the_recipe():
     default = helpers.Recipe()
     net = helpers.Net()
