@@ -48,11 +48,11 @@ __all__ = [
     "Recipe", "RECIPES", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "get_device",
     "set_seed", "CifarData", "load_cifar10", "subset", "split_train_val", "compute_mean_std",
     "AUGMENTATION_MAPPING", "exercise_augmentations", "EpochAugment", "EpochSampler",
-    "CifarDataset", "TensorBatches", "to_input", "make_loaders", "InputNorm", "ConvBNAct",
-    "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters", "count_macs",
-    "receptive_field_table", "empirical_receptive_field", "check_rules", "Training",
-    "orthogonalise", "MuonSGD", "start_training", "train_step", "train_one_epoch", "fit",
-    "format_row", "predict_logits", "evaluate", "CheckpointError", "WriteError",
+    "CifarDataset", "TensorBatches", "to_input", "make_loaders", "ACTIVATIONS", "InputNorm",
+    "ConvBNAct", "DepthwiseSeparable", "Residual", "Net", "build_model", "count_parameters",
+    "count_macs", "receptive_field_table", "empirical_receptive_field", "check_rules",
+    "Training", "orthogonalise", "MuonSGD", "start_training", "train_step", "train_one_epoch",
+    "fit", "format_row", "predict_logits", "evaluate", "CheckpointError", "WriteError",
     "save_checkpoint", "save_weights", "load_model", "predict", "hardest_mistakes",
     "confusion_matrix", "confused_pairs", "class_report", "grad_cam", "plot_samples",
     "plot_pipeline", "plot_history", "plot_mistakes", "plot_confusion_matrix",
@@ -79,16 +79,24 @@ def _plain_number(v: Any) -> Any:
     """A NumPy integer or float as Python's; anything else as it is."""
     return int(v) if isinstance(v, np.integer) else float(v) if isinstance(v, np.floating) else v
 
+def _as_setting(value: Any, default: Any) -> Any:
+    """A setting as JSON keeps it: a list (as JSON gives it) as a tuple where the default is
+    one, NumPy numbers as Python's."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return tuple(map(_plain_number, value)) if isinstance(value, tuple) else _plain_number(value)
+
 @dataclass(frozen=True)
 class Recipe:
-    """Every hyper-parameter of one training recipe; a bad value cannot be built."""
+    """The hyper-parameters a training recipe sets; a bad value cannot be built."""
 
     epochs: int = _setting(10, "passes over the training set", "an integer in [1, 10000]",
                            lambda v: 1 <= v <= 10_000, "N")
     batch_size: int = _setting(128, "images per optimisation step", "an integer in [1, 65536]",
                                lambda v: 1 <= v <= 65_536, "N")
-    lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule (SGD, Nesterov "
-                         "momentum cycled 0.95-0.85-0.95), per step", "a number in (0, 3.4e38]",
+    lr: float = _setting(0.2, "peak learning rate of the OneCycle schedule, from lr/10 to "
+                         "lr/1000 (SGD, Nesterov momentum cycled 0.95-0.85-0.95), per step",
+                         "a number in (0, 3.4e38]",
                          lambda v: 0 < v and _finite(v), "LR")
     muon_lr: float = _setting(0.02, "peak learning rate of Muon for the dense conv weights (their "
                               "momentum, orthogonalised, is the step); 0: they keep SGD",
@@ -122,25 +130,24 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if isinstance(f.default, tuple) and isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))  # e.g. from JSON
-            value = getattr(self, f.name)  # NumPy numbers as Python's (the recipe goes to JSON)
-            plain = (tuple(map(_plain_number, value)) if isinstance(value, tuple)
-                     else _plain_number(value))
-            object.__setattr__(self, f.name, plain)
-            value, meta = plain, f.metadata
-            items = value if isinstance(f.default, tuple) else (value,)
-            kind = str if isinstance(f.default, str) else (
-                int if isinstance(f.default, (int, tuple)) else (int, float))
-            fits = (not isinstance(f.default, tuple)
-                    or (isinstance(value, tuple) and len(value) == len(f.default)))
-            if not (fits and all(isinstance(v, kind) and not isinstance(v, bool) for v in items)
-                    and meta["ok"](value)):
-                raise ValueError(f"Recipe.{f.name}: expected {meta['words']}, got {value!r}")
+            value = _as_setting(getattr(self, f.name), f.default)
+            object.__setattr__(self, f.name, value)
+            # the kind of value each item must be: a float setting also takes an int
+            kind = {str: str, int: int, tuple: int}.get(type(f.default), (int, float))
+            if isinstance(f.default, tuple):
+                shape_fits = isinstance(value, tuple) and len(value) == len(f.default)
+            else:
+                shape_fits = not isinstance(value, tuple)
+            items = value if isinstance(value, tuple) else (value,)
+            kinds_fit = all(isinstance(v, kind) and not isinstance(v, bool) for v in items)
+            if not (shape_fits and kinds_fit and f.metadata["ok"](value)):
+                raise ValueError(f"Recipe.{f.name}: expected {f.metadata['words']}, "
+                                 f"got {value!r}")
 
 # The notebook's default; its net for 100 epochs with C4's downsampler dilated (the extra
-# credit), more augmentation and Muon at a lower rate; a net for 10 epochs; one under 50k
-# parameters (`fast` trains every weight with SGD: muon_lr=0).
+# credit), more augmentation and Muon at a lower rate; a quick look (no residual block at
+# 32x32, about half the multiply-adds, SGD alone: muon_lr=0; under 85%); a net under 50k
+# parameters.
 RECIPES: dict[str, Recipe] = {
     "standard": Recipe(),
     "accurate": Recipe(epochs=100, dilated_downs=1, p_affine=0.5, p_dropout=0.5, muon_lr=0.01),
@@ -566,6 +573,9 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int,
     """Training loader (shuffled by ``seed`` and the epoch alone, drops a last partial batch)
     and the test set as a tensor. Workers: up to 8 on CUDA, none on a CPU or an Apple GPU
     (a CPU's training threads already use every core)."""
+    if test_ds.transform is not None:
+        raise ValueError("make_loaders: the test images are scored as they are: build their "
+                         "CifarDataset without a transform")
     device = torch.device(device)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -579,7 +589,7 @@ def make_loaders(train_ds: CifarDataset, test_ds: CifarDataset, batch_size: int,
 
 
 # =========================================================================== model
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}  # Recipe.act
 
 class InputNorm(nn.Module):
     """Raw pixel values (0..255, uint8 or float) to ``(x / 255 - mean) / std`` per channel."""
@@ -595,23 +605,23 @@ class InputNorm(nn.Module):
         return x.float() * self.scale + self.shift
 
 class ConvBNAct(nn.Sequential):
-    """kxk convolution, BatchNorm, activation; padding keeps the size at stride 1."""
+    """3x3 convolution, BatchNorm, activation; padding keeps the size at stride 1."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1,
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
                  act: str = Recipe.act) -> None:
-        pad = dilation * (k - 1) // 2
-        super().__init__(nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False),
-                         nn.BatchNorm2d(cout), ACTIVATIONS[act]())
+        super().__init__(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation,
+                                   bias=False), nn.BatchNorm2d(cout), ACTIVATIONS[act]())
 
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise kxk conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation:
-    one factorised kxk conv (as in Xception), with far fewer parameters and multiply-adds.
+    """Depthwise 3x3 conv (one filter per channel), pointwise 1x1 conv, BatchNorm, activation:
+    one factorised 3x3 conv (as in Xception), with far fewer parameters and multiply-adds.
     ``padding`` None keeps the size at stride 1; 0 lets a dilated kernel shrink the map."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, act: str = Recipe.act,
-                 dilation: int = 1, padding: int | None = None) -> None:
-        pad = dilation * (k - 1) // 2 if padding is None else padding
-        super().__init__(nn.Conv2d(cin, cin, k, stride, pad, dilation, groups=cin, bias=False),
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
+                 act: str = Recipe.act, padding: int | None = None) -> None:
+        pad = dilation if padding is None else padding
+        super().__init__(nn.Conv2d(cin, cin, 3, stride, padding=pad, dilation=dilation,
+                                   groups=cin, bias=False),
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          ACTIVATIONS[act]())
 
@@ -746,8 +756,9 @@ def _layer_label(model: nn.Module, name: str) -> str:
             sep, first = isinstance(child, DepthwiseSeparable), child[0]
             if prev == "body":  # one of the two convs of a residual block
                 words.append(f"{'separable' if sep else 'conv'} {int(key) + 1}")
-            elif _pair(first.stride) > 1 or _pair(first.padding) < _pair(first.dilation):
-                words.append("downsample")  # strided, or dilated without enough padding
+            elif _pair(first.stride) > 1 or _pair(first.padding) < _pair(first.dilation) * (
+                    _pair(first.kernel_size) - 1) // 2:  # strided, or padded too little to
+                words.append("downsample")  # keep the size
             else:
                 words.append("stem" if parts[0] == "c1" and key == "0" and not prev
                              else "separable" if sep else "conv")
@@ -781,14 +792,17 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> Any:
     return pd.DataFrame(rows)
 
 def empirical_receptive_field(model: nn.Module, input_size: int = 128) -> int:
-    """RF measured as the extent of input pixels with non-zero gradient for one centre unit
-    (where it reaches the input's border, measured again on one twice as large, up to 1024)."""
+    """RF measured as the extent of input rows with non-zero gradient for one centre unit
+    (square kernels: the columns' extent is the same; where it reaches the input's border,
+    measured again on one twice as large, up to 1024)."""
     model = copy.deepcopy(model).cpu().double().eval()  # on the CPU: MPS has no float64
     feats = getattr(model, "features", model)
     x = torch.randn(1, 3, input_size, input_size, dtype=torch.float64, requires_grad=True)
     out = feats(x)
     out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()  # the centre unit
     rows = torch.nonzero(x.grad[0].abs().sum(0).sum(1)).flatten()
+    if len(rows) == 0:
+        raise ValueError("empirical_receptive_field: the centre unit's gradient is zero everywhere")
     if (rows.min() == 0 or rows.max() == input_size - 1) and input_size < 1024:  # cut off
         return empirical_receptive_field(model, 2 * input_size)  # by the input's border
     return int(rows.max() - rows.min() + 1)
@@ -808,7 +822,7 @@ def _downsamplers(model: nn.Module, records: list[dict]) -> list[tuple[str, str,
         what = (f"{kind} {k}x{k}, stride {s}, dilation {d}: "
                 f"{n_in}x{n_in} -> {n_out}x{n_out} ({rec['name']})")
         found.append((f"{block} {label}" if block != "-" else label, what,
-                      isinstance(m, nn.Conv2d) and ((k == 3 and s == 2) or d > 1)))
+                      isinstance(m, nn.Conv2d) and k == 3 and (s == 2 or d > 1)))
     return found
 
 def check_rules(model: nn.Module, input_size: int = 32) -> Any:
@@ -863,7 +877,8 @@ def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T  # rows <= columns: the Gram matrix below is the smaller one
     x = x / (x.norm() + 1e-7)  # every singular value now <= 1
-    for _ in range(steps):  # s -> a*s + b*s^3 + c*s^5: small ones grow 3.4x, all end ~0.7-1.2
+    for _ in range(steps):  # s -> a*s + b*s^3 + c*s^5: small ones grow 3.4x a step, most
+        # end near 0.7-1.2 (the tiniest stay smaller)
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x if wide else x.T).reshape(g.shape)
@@ -897,14 +912,16 @@ class MuonSGD(torch.optim.Optimizer):
                 p.add_(g, alpha=-lr)
 
 def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Training:
-    """The optimizer, schedule, loss and scaler for ``model`` (already on its device)."""
+    """The optimizer, schedule, loss and scaler for ``model`` (already on its device, whose
+    memory layout is switched to channels-last in place on a CPU or a CUDA GPU)."""
     device = next(model.parameters()).device
     if _channels_last(device):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    dense = {id(m.weight) for m in model.modules() if recipe.muon_lr and
-             isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.requires_grad}
-    # weight decay on conv and linear weights only, not on BatchNorm or biases
+    dense = {id(m.weight) for m in model.modules()  # Muon's: the dense conv weights
+             if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.requires_grad}
+    dense = dense if recipe.muon_lr > 0 else set()
+    # weight decay on conv and linear weights only, not on BatchNorm, biases or Muon's weights
     groups = [dict(params=[p for p in params if p.ndim > 1 and id(p) not in dense],
                    weight_decay=recipe.weight_decay),
               dict(params=[p for p in params if p.ndim <= 1], weight_decay=0)]
@@ -926,7 +943,9 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Tr
 
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, check: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device."""
+    """One optimisation step on a uint8 batch: (loss, correct predictions), on the device.
+    ``check`` tests the loss before the update (it waits for a GPU, so fit does it now and then:
+    on CUDA the loss scaler skips a step whose gradients are not finite)."""
     x, y = to_input(x, t.device), y.to(t.device, non_blocking=True)
     with torch.autocast("cuda", dtype=torch.float16, enabled=t.device.type == "cuda"):
         logits = t.model(x)
@@ -986,10 +1005,11 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
         progress: bool = True, log: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Train ``model`` (on its device) by ``recipe``; return one history row per epoch.
 
-    ``eval_batches`` are scored after each epoch for the log only (the model returned is the
-    last one). ``checkpoint`` is saved after every epoch; ``resume`` continues from it (or
-    starts). ``log`` gets the history after each epoch (default: print the new row, its scores
-    labelled "test"). A run that diverges stops with FloatingPointError before it is saved.
+    ``eval_batches`` are scored after each epoch for the log only: no epoch is picked by its
+    score, and ``model`` keeps the last epoch's weights. ``checkpoint`` is saved after every
+    epoch; ``resume`` continues from it (or starts). ``log`` gets the history after each
+    epoch (default: print the new row, its scores labelled "test"). A run that diverges stops
+    with FloatingPointError before it is saved.
     """
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
@@ -1024,7 +1044,10 @@ def fit(model: nn.Module, recipe: Recipe, train_loader: DataLoader, eval_batches
                 model=model.state_dict(), optimizer=t.optimizer.state_dict(),
                 scheduler=t.scheduler.state_dict() if t.scheduler is not None else None,
                 scaler=t.scaler.state_dict(), epoch=epoch, history=history, run=run))
-        (log or (lambda rows: print(format_row(rows[-1], epochs=recipe.epochs))))(history)
+        if log is None:
+            print(format_row(history[-1], epochs=recipe.epochs))
+        else:
+            log(history)
     return history
 
 def format_row(row: dict, split: str = "test", epochs: int | None = None) -> str:
@@ -1387,6 +1410,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module,
              class_idx: Sequence[int] | None = None) -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in 0..1 for ``class_idx`` (default: the prediction), each
     of ``layer``'s units drawn at the centre of its receptive field."""
+    if not any(m is layer for m in model.modules()):
+        raise ValueError("grad_cam: layer is not a part of model")
     store: dict[str, torch.Tensor] = {}
     h = layer.register_forward_hook(lambda m, i, o: store.update(act=o))
     was_training = model.training
@@ -1433,7 +1458,7 @@ def _image_grid(panels: Sequence[tuple], cols: int, size: float = 1.6) -> Any:
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                  per_class: int = 8, seed: int = 0) -> Any:
-    """One row per class: ``per_class`` random images of it, the class named on the left."""
+    """One row per class: ``per_class`` random images of it, the class named above the first."""
     rng, panels = np.random.default_rng(seed), []
     for c, name in enumerate(classes):
         idx = np.flatnonzero(np.asarray(labels) == c)
@@ -1464,11 +1489,13 @@ def plot_history(history: Sequence[dict], split: str = "test") -> Any:
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="tight")
     for ax, what, scale in ((axes[0], "loss", 1), (axes[1], "acc", 100)):
-        ax.plot(ep, [scale * h[f"train_{what}"] for h in history], marker="o", label="train")
+        ax.plot(ep, [scale * h[f"train_{what}"] for h in history], marker="o",
+                label="train (augmented)")
         ax.plot(ep, [scale * h[f"eval_{what}"] for h in history], marker="o", label=split)
     axes[1].axhline(85, color="grey", ls="--", lw=1, label="85% target")
     axes[2].plot(ep, [h["lr"] for h in history], marker="o")
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "SGD's learning rate at epoch start")):
+    for ax, title in zip(axes, ("loss (train's with label smoothing)", "accuracy (%)",
+                                "SGD's learning rate at epoch start")):
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()

@@ -466,6 +466,13 @@ def test_default_num_workers_on_cpu_is_none():
     assert isinstance(test, helpers.TensorBatches) and test.images.dtype == torch.uint8
 
 
+def test_a_test_set_with_a_transform_is_refused():
+    ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    augmented = helpers.CifarDataset(ds.images, ds.labels, lambda image: image)
+    with pytest.raises(ValueError, match="test images are scored as they are"):
+        helpers.make_loaders(ds, augmented, 2, "cpu", seed=0)
+
+
 def test_make_loaders_needs_a_seed():
     ds = helpers.CifarDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
     with pytest.raises(TypeError, match="seed"):

@@ -136,13 +136,13 @@ def test_residual_adds_identity():
 
 
 def test_depthwise_separable_structure():
-    ds = helpers.DepthwiseSeparable(8, 16, k=5, stride=2)
+    ds = helpers.DepthwiseSeparable(8, 16, stride=2)
     dw, pw = ds[0], ds[1]  # nothing between the depthwise and the pointwise conv
     assert isinstance(dw, nn.Conv2d) and isinstance(pw, nn.Conv2d)
-    assert dw.groups == 8 and dw.kernel_size == (5, 5) and dw.stride == (2, 2)
+    assert dw.groups == 8 and dw.kernel_size == (3, 3) and dw.stride == (2, 2)
     assert pw.kernel_size == (1, 1) and pw.out_channels == 16 and pw.groups == 1
     assert ds(torch.randn(1, 8, 8, 8)).shape == (1, 16, 4, 4)
-    assert sum(p.numel() for p in ds.parameters()) == 8 * 25 + 8 * 16 + 2 * 16
+    assert sum(p.numel() for p in ds.parameters()) == 8 * 9 + 8 * 16 + 2 * 16
 
 
 @pytest.mark.parametrize("act, kind", [("relu", nn.ReLU), ("gelu", nn.GELU)])
@@ -250,6 +250,14 @@ def test_a_fourth_downsampler_breaks_the_count_only():
     assert df.loc["downsampling layers", "measured"] == "4"
 
 
+def test_a_downsampler_must_be_a_3x3_kernel_strided_or_dilated():
+    model = helpers.Net(SMALL)  # C4 shrinks 8x8 to 4x4 with a dilated 5x5 (spanning 9x9)
+    model.c4[0][0] = nn.Conv2d(48, 48, 5, dilation=2, padding=2, groups=48, bias=False)
+    assert _failing(model) == {"downsampling layers", "downsampling: C4 downsample, depthwise"}
+    model.c4[0][0] = nn.Conv2d(48, 48, 3, dilation=2, groups=48, bias=False)  # 8x8 -> 4x4
+    assert _failing(model) == set()
+
+
 def test_missing_dilation_breaks_only_that_rule():
     model = helpers.Net(SMALL)
     model.c2[1].body[0] = helpers.ConvBNAct(32, 32)
@@ -352,6 +360,13 @@ def test_rf_table_n_out_matches_real_sizes():
     # rf: 3, then +2*1 = 5, then +4*2 = 13
     assert table["rf_out"].tolist() == [3, 5, 13]
     assert helpers.empirical_receptive_field(model) == 13
+
+
+def test_empirical_receptive_field_of_a_net_blind_to_its_input_says_so():
+    blind = nn.Conv2d(3, 4, 3, padding=1)
+    nn.init.zeros_(blind.weight)
+    with pytest.raises(ValueError, match="gradient is zero everywhere"):
+        helpers.empirical_receptive_field(blind, 16)
 
 
 def test_rf_default_net_table_and_empirical_agree():

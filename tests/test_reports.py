@@ -243,6 +243,11 @@ def test_grad_cam_puts_each_unit_at_the_centre_of_its_receptive_field():
         assert image[pixel] == 1.0 and (image == 1.0).sum() == 1
 
 
+def test_grad_cam_of_a_layer_outside_the_model_is_refused():
+    with pytest.raises(ValueError, match="not a part of model"):
+        helpers.grad_cam(helpers.Net(TINY), torch.zeros(1, 3, 32, 32), nn.Conv2d(3, 3, 3))
+
+
 def test_grad_cam_defaults_to_prediction_and_keeps_mode():
     torch.manual_seed(1)
     model = helpers.Net(TINY).train()
@@ -343,11 +348,12 @@ def test_plot_history_panels_legend_and_target(split):
     fig = helpers.plot_history(_history(), split=split)
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     assert [ax.get_title() for ax in fig.axes] == [
-        "loss", "accuracy (%)", "SGD's learning rate at epoch start"]
+        "loss (train's with label smoothing)", "accuracy (%)", "SGD's learning rate at epoch start"]
     assert all(ax.get_xlabel() == "epoch" for ax in fig.axes)
     loss, acc, lr = fig.axes
-    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train", split]
-    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["train", split, "85% target"]
+    train = "train (augmented)"
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [train, split]
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == [train, split, "85% target"]
     np.testing.assert_allclose(loss.lines[1].get_ydata(), [1.1, 0.55, 1.1 / 3])
     np.testing.assert_allclose(acc.lines[0].get_ydata(), [30, 60, 90])
     np.testing.assert_allclose(acc.lines[1].get_ydata(), [28, 56, 84])
