@@ -53,6 +53,9 @@ RUNS = {
     "accurate-ls0.2": ([], ["--muon-lr", "0.01", "--label-smoothing", "0.2", *RUN1]),
     # ... and the affine on every image (cutout stays at p = 0.5)
     "accurate-affine1": ([], ["--muon-lr", "0.01", *RUN1, "--p-affine", "1"]),
+    # more augmentation cost it a point: Muon at half the rate, or the augmentations at 0.25
+    "accurate-muon0.005": ([], ["--muon-lr", "0.005", *RUN1]),
+    "accurate-aug25": ([], ["--muon-lr", "0.01", "--dilated-downs", "1"]),
 }
 
 

@@ -457,8 +457,8 @@ def test_committed_notebook_shows_the_current_code():
     import helpers
     nb = _nb()
     shown = _text(_code_with(nb, "train_step, train_one_epoch, fit)").outputs) + _text(
-        _code_with(nb, "for part in (ConvBNAct").outputs)
-    for part in (helpers.orthogonalise, helpers.MuonSGD, helpers.train_step,
-                 helpers.train_one_epoch, helpers.fit, helpers.Net, helpers.ConvBNAct,
-                 helpers.DepthwiseSeparable, helpers.Residual):
+        _code_with(nb, "for part in (InputNorm").outputs)
+    for part in (helpers.Training, helpers.orthogonalise, helpers.MuonSGD, helpers.start_training,
+                 helpers.train_step, helpers.train_one_epoch, helpers.fit, helpers.InputNorm,
+                 helpers.Net, helpers.ConvBNAct, helpers.DepthwiseSeparable, helpers.Residual):
         assert inspect.getsource(part).strip() in shown, part.__name__
