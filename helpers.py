@@ -334,10 +334,11 @@ def _load_image_folder(root: Path, splits: Sequence[str]) -> CifarData:
     return CifarData(*arrays, tuple(classes), f"image folder {root.name}")
 
 _HOW_TO_GET_DATA = (
-    "Accepted layouts: (a) torchvision's download (download=True), (b) an official "
+    "Accepted layouts: (a) torchvision's download, (b) an official "
     "'cifar-10-batches-py' folder (data_batch_1..5, test_batch) in the folder or as it, (c) an "
     "image-folder tree train/<class>/*.png|jpg and test/<class>/*. Get the data from "
-    "https://www.cs.toronto.edu/~kriz/cifar.html or unpack cifar10-jpeg.tar.gz there.")
+    "https://www.cs.toronto.edu/~kriz/cifar.html, or let torchvision download it "
+    "(download=True; on the command line --download).")
 
 def _find_layout(root: Path) -> tuple[Callable[[Path], CifarData], Path] | None:
     """The reader of the layout ``root`` holds, and where; or None."""
@@ -558,6 +559,11 @@ def _channels_last(device: torch.device) -> bool:
 
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A uint8 NHWC batch to a float NCHW batch on ``device`` (channels-last where faster)."""
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4
+            and x.shape[-1] == 3):  # floats in 0..1 or NCHW would score near chance, silently
+        raise ValueError(f"expected a uint8 tensor of images (N, H, W, 3), raw pixels 0..255; "
+                         f"got {type(x).__name__} {getattr(x, 'dtype', '')} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if _channels_last(device) else x.contiguous()
 
@@ -1690,36 +1696,44 @@ def _option(p: argparse.ArgumentParser, name: str, kind: type, words: str, help:
         raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
     p.add_argument(name, type=parse, help=f"{help} ({words})", **kw)
 
-def _common_options(p: argparse.ArgumentParser, recipe: bool) -> None:
-    """--data-dir, --download, --threads and (``recipe``) one option per Recipe field."""
+def _common_options(p: argparse.ArgumentParser, command: str) -> None:
+    """--data-dir, --download, --threads and (except for evaluate) one option per Recipe field."""
     p.add_argument("--data-dir", required=True, metavar="DIR", type=os.path.expanduser,
                    help="folder with CIFAR-10: official batches, or train/<class>/*.jpg|png")
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
     least, most = _COUNTS["threads"]
     _option(p, "--threads", int, f"an integer in [{least}, {most}]", "torch CPU threads; default: "
-            "all cores (train --resume: the run's own count)", lambda v: least <= v <= most,
-            metavar="N")
-    if recipe:
-        p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
-                       help="the recipe that the options below override (default standard)")
-    for f in fields(Recipe) if recipe else ():  # derived from the field itself
+            "all cores" + (" (with --resume: the run's own count)" if command == "train" else ""),
+            lambda v: least <= v <= most, metavar="N")
+    if command == "evaluate":  # the weights carry their recipe
+        return
+    p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
+                   help="the recipe that the options below override (default standard)")
+    for f in fields(Recipe):  # derived from the field itself
         many, meta = isinstance(f.default, tuple), f.metadata
         _option(p, "--" + f.name.replace("_", "-"), type(f.default[0] if many else f.default),
                 meta["words"], f"{meta['help']}; default: the recipe's",
                 nargs=len(f.default) if many else None, metavar=meta["metavar"])
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0])
+    p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one recipe, logging every epoch to --out",
-                       description="Train one recipe, logging and checkpointing every epoch "
-                       "to --out. Every option is checked before any data is read, but for those "
-                       "that depend on the data (subset sizes, the validation split).")
-    e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)")
-    b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation")
-    for cmd in (t, e, b):
-        _common_options(cmd, recipe=cmd is not e)
+                       allow_abbrev=False, description="Train one recipe, logging and "
+                       "checkpointing every epoch to --out. Every option is checked before any "
+                       "data is read, except those that depend on the data (subset sizes, the "
+                       "validation split).")
+    e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)",
+                       allow_abbrev=False, description="Score saved weights on all test "
+                       "images: the test accuracy and flip TTA, as a JSON line and as text.")
+    b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation",
+                       allow_abbrev=False, description="Time the loader alone, the training "
+                       "step alone (random batches), training as fit runs it, and evaluation, "
+                       "for the recipe's net, optimizer, batch size and augmentation (--epochs "
+                       "changes nothing here).")
+    for name, cmd in (("train", t), ("evaluate", e), ("bench", b)):
+        _common_options(cmd, name)
     for cmd in (t, b):
         least, most = _COUNTS["workers"]
         _option(cmd, "--workers", int, f"an integer in [{least}, {most}]", "data-loader processes; "
@@ -2061,7 +2075,7 @@ class _RunFolder:
                 print(f"--overwrite: {self.out} holds {what}; it is kept until the new run "
                       "saves its first checkpoint")
                 return None
-            hint = "" if finished else "pass --resume to continue it or "
+            hint = "" if finished else "pass --resume to continue it with the same options or "
             raise UsageError(f"argument --out: {self.out} already holds {what}: {hint}pass "
                              "--overwrite to replace it, or choose another --out")
         config = _with_defaults(_read_json(self.out / "config.json", _SAME + _NOTES))

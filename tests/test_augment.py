@@ -60,6 +60,19 @@ def test_to_input_is_plain_contiguous_elsewhere():
     assert tuple(x.shape) == (2, 3, 32, 32) and x.is_contiguous()
 
 
+@pytest.mark.parametrize("batch", [
+    torch.rand(2, 32, 32, 3),  # floats in 0..1, as torchvision's ToTensor gives
+    torch.zeros(2, 3, 32, 32, dtype=torch.uint8),  # NCHW
+    np.zeros((2, 32, 32, 3), np.uint8)], ids=["float", "nchw", "numpy"])
+def test_images_in_another_format_are_refused_not_scored(batch):
+    """Raw uint8 NHWC pixels only: floats or NCHW would be scored near chance without a word."""
+    with pytest.raises(ValueError, match=r"uint8 tensor of images \(N, H, W, 3\)"):
+        helpers.to_input(batch, torch.device("cpu"))
+    model = helpers.build_model(helpers.Recipe(widths=(4, 8, 8, 8)))
+    with pytest.raises(ValueError, match="raw pixels 0..255"):
+        helpers.predict_logits(model, [(batch, torch.zeros(2, dtype=torch.long))])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_to_input_gives_channels_last_floats_on_cuda():
     batch = torch.from_numpy(np.stack([_image(2), _image(3)]))

@@ -1307,17 +1307,16 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 class _GoodThenNaN:
-    """Evaluation batches: real images, then (from the second pass) an image of inf."""
+    """Evaluation batches of real images; from the second pass on, ``model`` scores them inf."""
 
-    def __init__(self, x, y):
+    def __init__(self, model, x, y):
         self.x, self.y, self.passes = torch.as_tensor(x), torch.as_tensor(y), 0
+        model.register_forward_hook(lambda m, i, out: torch.full_like(out, float("inf"))
+                                    if self.passes >= 2 and not m.training else None)
 
     def __iter__(self):
         self.passes += 1
-        x = self.x.float()
-        if self.passes >= 2:
-            x[0] = float("inf")
-        yield x, self.y
+        yield self.x, self.y
 
 
 def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_path, cpu):
@@ -1325,7 +1324,7 @@ def test_fit_stops_on_a_nan_evaluation_and_keeps_the_last_good_checkpoint(tmp_pa
     path, logged = tmp_path / "m.pt", []
     with pytest.raises(FloatingPointError,
                        match=r"Epoch 2: the evaluation loss is nan.*keeps epoch 1"):
-        helpers.fit(model, recipe, train, _GoodThenNaN(*make_arrays(2, 2)), path,
+        helpers.fit(model, recipe, train, _GoodThenNaN(model, *make_arrays(2, 2)), path,
                     progress=False, log=lambda h: logged.append(h[-1]["epoch"]))
     assert logged == [1] and torch.load(path, weights_only=True)["epoch"] == 1
 
@@ -1389,7 +1388,8 @@ BAD_OPTIONS = [(["--" + name.replace("_", "-"), *value.split()],
     (["--recipe", "huge"], "--recipe: invalid choice"),
     (["--val-fraction", "0.2", "--test-subset", "5"], "--test-subset: not allowed with"),
     (["--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
-    (["--bogus"], "unrecognized arguments: --bogus")]
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--epoch", "1"], "unrecognized arguments: --epoch 1")]  # no abbreviation of --epochs
 
 
 @pytest.mark.parametrize("options, says", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])

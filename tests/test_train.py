@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import helpers
 from conftest import CLASSES, TINY, TINY_RUN, cli, env, helpers_cmd, one_line, tiny_loaders
@@ -296,20 +296,14 @@ def test_fit_learns_a_learnable_task(cpu):
     assert history[-1]["train_acc"] > 0.8 and history[-1]["eval_acc"] > 0.8  # chance: 1/3
 
 
-class _NaNImages(Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        return torch.full((32, 32, 3), float("nan")), i % 10
-
-
-def test_fit_stops_on_nan_and_says_what_to_do(cpu, tmp_path):
-    loader = DataLoader(_NaNImages(), batch_size=16)
+def test_fit_stops_on_nan_and_says_what_to_do(random_data, cpu, tmp_path):
+    train, test = tiny_loaders(*random_data, batch_size=16)
+    model = helpers.Net(TINY)
+    model.register_forward_hook(lambda m, i, out: out * float("nan") if m.training else None)
     with pytest.raises(FloatingPointError, match=r"Epoch 1: the training loss became nan; "
                                                  r"stopped before saving \(no checkpoint"):
-        helpers.fit(helpers.Net(TINY), _tiny(epochs=1), loader, loader, tmp_path / "m.pt",
-                    progress=False, log=None)
+        helpers.fit(model, _tiny(epochs=1), train, test, tmp_path / "m.pt", progress=False,
+                    log=None)
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -365,8 +359,8 @@ def test_evaluate_matches_manual_computation(cpu):
 def test_evaluate_leaves_the_model_untouched(cpu):
     model = helpers.Net(TINY).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    helpers.evaluate(model, DataLoader([(torch.randn(32, 32, 3), 1) for _ in range(4)],
-                                       batch_size=2), tta=True)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    helpers.evaluate(model, DataLoader([(x, 1) for x in images], batch_size=2), tta=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -664,4 +658,5 @@ def test_missing_data_fails_clearly(tmp_path, capsys):
                        tmp_path / "run", "--epochs", "1")
     line = one_line(err)
     assert code == 2 and "No CIFAR-10 data" in line and "none" in line
+    assert "--download" in line  # the command line's way to get it
     assert not (tmp_path / "run").exists()  # refused before anything was written
