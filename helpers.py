@@ -1679,7 +1679,11 @@ class UsageError(ValueError):
     """Bad command-line input found after parsing: one line on stderr, exit status 2."""
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``prog: error: ...``) with exit status 2."""
+    """argparse whose errors are one line (``prog: error: ...``) with exit status 2, and whose
+    options are never abbreviated (the sub-commands' parsers are of this class too)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(allow_abbrev=False, **kw)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -1717,18 +1721,18 @@ def _common_options(p: argparse.ArgumentParser, command: str) -> None:
                 nargs=len(f.default) if many else None, metavar=meta["metavar"])
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = _Parser(prog="helpers.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one recipe, logging every epoch to --out",
-                       allow_abbrev=False, description="Train one recipe, logging and "
+                       description="Train one recipe, logging and "
                        "checkpointing every epoch to --out. Every option is checked before any "
                        "data is read, except those that depend on the data (subset sizes, the "
                        "validation split).")
     e = sub.add_parser("evaluate", help="test accuracy of saved weights (and flip TTA)",
-                       allow_abbrev=False, description="Score saved weights on all test "
+                       description="Score saved weights on all test "
                        "images: the test accuracy and flip TTA, as a JSON line and as text.")
     b = sub.add_parser("bench", help="images/s of the loader, the model, training, evaluation",
-                       allow_abbrev=False, description="Time the loader alone, the training "
+                       description="Time the loader alone, the training "
                        "step alone (random batches), training as fit runs it, and evaluation, "
                        "for the recipe's net, optimizer, batch size and augmentation (--epochs "
                        "changes nothing here).")
