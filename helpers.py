@@ -1105,8 +1105,8 @@ def predict_logits(model: nn.Module, batches: Iterable, tta: bool = False
 def evaluate(model: nn.Module, batches: Iterable, tta: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``batches`` (tta: with the mirror images)."""
     logits, labels = predict_logits(model, batches, tta)
-    return (F.cross_entropy(logits, labels).item(),
-            (logits.argmax(1) == labels).float().mean().item())
+    return (F.cross_entropy(logits, labels).item(),  # accuracy: a count over a count, exactly
+            (logits.argmax(1) == labels).sum().item() / len(labels))
 
 
 # =========================================================================== checkpoints
