@@ -74,6 +74,17 @@ def test_readme_results_table_matches_the_recipes():
         assert int(epochs) == helpers.RECIPES[name].epochs, name
 
 
+def test_readme_names_every_public_helper():
+    """"What helpers.py offers" names each name of ``helpers.__all__``, and only those."""
+    import helpers
+    section = README.split("## What `helpers.py` offers")[1].split("\n## ")[0]
+    section = section.split("**The notebook headless**")[0]
+    named = set(re.findall(r"`([A-Za-z_]\w*)[`(]", section))
+    assert sorted(set(helpers.__all__) - named) == []
+    other = {"Affine", "ShiftScaleRotate", "CoarseDropout"}  # albumentations' names
+    assert sorted(named - set(helpers.__all__) - other) == []
+
+
 def test_readme_is_a_short_product_page():
     assert len(README.splitlines()) <= 200
 
