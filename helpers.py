@@ -557,13 +557,14 @@ def _channels_last(device: torch.device) -> bool:
     """Whether to use the channels-last memory layout: faster on CPUs and CUDA GPUs."""
     return device.type in ("cpu", "cuda")
 
-def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_input(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """A uint8 NHWC batch to a float NCHW batch on ``device`` (channels-last where faster)."""
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4
             and x.shape[-1] == 3):  # floats in 0..1 or NCHW would score near chance, silently
         raise ValueError(f"expected a uint8 tensor of images (N, H, W, 3), raw pixels 0..255; "
                          f"got {type(x).__name__} {getattr(x, 'dtype', '')} "
                          f"{tuple(getattr(x, 'shape', ()))}")
+    device = torch.device(device)
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if _channels_last(device) else x.contiguous()
 

@@ -50,6 +50,19 @@ def test_to_input_gives_channels_last_floats_on_the_cpu():
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, batch.permute(0, 3, 1, 2).float())
     assert "channels_last" not in inspect.signature(helpers.to_input).parameters
+    torch.testing.assert_close(helpers.to_input(batch, "cpu"), x)  # a name will do, or nothing
+    assert helpers.to_input(batch).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_model_classifies_raw_images_through_to_input():
+    """What README shows for one's own images gives ``predict``'s labels."""
+    torch.manual_seed(0)
+    model = helpers.build_model(helpers.Recipe(widths=(4, 8, 8, 8))).eval()
+    batch = torch.from_numpy(np.stack([_image(i) for i in range(6)]))
+    with torch.no_grad():
+        labels = model(helpers.to_input(batch)).argmax(1).numpy()
+    preds, _, _ = helpers.predict(model, [(batch, torch.zeros(6, dtype=torch.long))])
+    np.testing.assert_array_equal(labels, preds)
 
 
 def test_to_input_is_plain_contiguous_elsewhere():
