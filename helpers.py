@@ -7,6 +7,19 @@ names: no download, no seeding, no plotting.
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+def _interrupted_early(signum: int, frame: Any) -> NoReturn:
+    print(f"helpers.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # 130 or 143 now: nothing is written yet, and an exception raised
+    # here could reach a C extension's import, which turns it into an ImportError
+
+if __name__ == "__main__":  # a signal while the modules load: one line, no traceback
+    signal.signal(signal.SIGINT, _interrupted_early)
+    signal.signal(signal.SIGTERM, _interrupted_early)
+
 import argparse
 import copy
 import errno
@@ -15,28 +28,17 @@ import io
 import itertools
 import json
 import math
-import os
 import pickle
 import random
 import shutil
-import signal
 import socket
-import sys
+import stat
 import time
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
-
-def _interrupted_early(signum: int, frame: Any) -> NoReturn:
-    print(f"helpers.py: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
-    os._exit(128 + signum)  # 130 or 143 now: nothing is written yet, and an exception raised
-    # here could reach a C extension's import, which turns it into an ImportError
-
-if __name__ == "__main__":  # a signal while numpy and torch load: one line, no traceback
-    signal.signal(signal.SIGINT, _interrupted_early)
-    signal.signal(signal.SIGTERM, _interrupted_early)
 
 import numpy as np
 import torch
@@ -1208,6 +1210,9 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     if not plain:
         raise CheckpointError(f"{path} is damaged: its epoch, history or run settings are not "
                               "plain values")
+    bad = [k for k, v in state["model"].items() if torch.is_tensor(v) and v.is_complex()]
+    if bad:  # loaded, the imaginary part would be dropped with a warning
+        raise CheckpointError(f"{path} is damaged: {bad[0]} holds complex numbers")
     if "run" in state:
         state["run"] = _with_defaults(state["run"])
     return state
@@ -1222,6 +1227,8 @@ def _nesting(value: Any) -> int:
     return depth
 
 _MAX_NESTING = 16  # a run's settings nest 4 deep; far deeper fails later, with a traceback
+_ROW_KEYS = ("epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds",
+             "images_per_s")  # what a run's history rows hold: format_row and summaries read them
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists)."""
@@ -1285,6 +1292,9 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
     diffs = _differences(state["run"], run) if isinstance(state["run"], dict) else ["run"]
     if diffs:
         raise CheckpointError(f"{path} belongs to another run ({'; '.join(diffs)})")
+    lacking = [k for row in state["history"] for k in _ROW_KEYS if k not in row]
+    if lacking:  # read once the run has ended
+        raise CheckpointError(f"{path} is damaged: a row of its history lacks {lacking[0]}")
     try:
         epochs = [row["epoch"] for row in state["history"]]
         expected = _settings_after(t, len(epochs) * run["steps_per_epoch"])
@@ -1294,8 +1304,8 @@ def _resume(path: Path, t: Training, run: dict) -> list[dict]:
             t.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] != {} or not t.scaler.is_enabled():  # {}: saved where it was off
             t.scaler.load_state_dict(state["scaler"])  # (CPU, MPS): on a GPU it starts afresh
-        if any(v.shape != p.shape for p, s in t.optimizer.state.items() for v in s.values()
-               if torch.is_tensor(v) and v.ndim):  # torch checks this only at the next step
+        if any(not torch.is_tensor(v) or v.shape != p.shape for p, s in t.optimizer.state.items()
+               for v in s.values()):  # torch checks this only at the next step, if at all
             raise ValueError("the optimizer's state does not match the weights")
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path} does not fit this model: {e}") from None
@@ -1915,10 +1925,17 @@ class _RunFolder:
         except OSError as e:  # a name too long
             raise UsageError(f"argument --out: {e.strerror}: {self.out}") from None
         self._take_lock()
-        self._refuse_what_overwrite_did_not_make()
-        for path in (self.out / name for name in _RUN_FILES):
-            if path.is_dir():  # not ours: --overwrite would delete it, --resume fail on it
-                raise UsageError(f"{path} is a folder, not a file of a run: move it away")
+        try:
+            self._refuse_what_overwrite_did_not_make()
+            for path in (self.out / name for name in _RUN_FILES):
+                if path.is_dir():  # not ours: --overwrite would delete it, --resume fail on it
+                    raise UsageError(f"{path} is a folder, not a file of a run: move it away")
+        except UsageError:  # refused before writing anything: the .lock made for it goes too
+            if self.made_lock:
+                (self.out / ".lock").unlink(missing_ok=True)
+            self._remove_created()
+            self.lock.close()
+            raise
         shutil.rmtree(self.discarded, ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
             done = (self.aside / ".complete").exists() and (self.out / "model.pt").exists() \
@@ -1938,7 +1955,11 @@ class _RunFolder:
         except ImportError:
             fcntl = None
         for _ in range(100):
-            self.lock = os.fdopen(self._open_lock(lock), "r+")
+            fd = self._open_lock(lock)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a named pipe, a device
+                os.close(fd)
+                raise UsageError(f"argument --out: {lock} is not a file: move it away")
+            self.lock = os.fdopen(fd, "r+")
             if os.fstat(self.lock.fileno()).st_nlink > 1:  # a hard link: another file's content
                 self.lock.close()
                 raise UsageError(f"argument --out: {lock} is a link (a hard one): move it away")

@@ -415,6 +415,7 @@ def test_a_users_folder_named_as_overwrites_own_is_left_alone(name, marked, fini
             code, _, err = cli(capsys, *train_args(data_dir, out, "--epochs", "1", *extra))
             assert code == 2 and "that --overwrite made: move it away" in one_line(err)
             assert snapshot(out) == before
+            assert out == finished_run or not (out / ".lock").exists()  # none made for it left
     inner = tmp_path / "new" / ".replaced"  # a run made inside a folder with no run yet
     assert cli(capsys, *train_args(data_dir, inner, "--epochs", "1"))[0] == 0
     before = snapshot(inner.parent)
@@ -634,6 +635,19 @@ def test_a_signal_while_the_command_starts_is_one_line(sig, status, data_dir, tm
         assert proc.returncode == status and "interrupted by" in one_line(err)
 
 
+def test_the_early_signal_handlers_come_before_every_other_import():
+    """The window before them, where a signal is a traceback, holds only Python's own start:
+    the standard library's imports came first, and a signal among them was a traceback."""
+    import ast
+    tree = ast.parse(Path(helpers.__file__).read_text())
+    first_if = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.If))
+    assert "signal.signal" in ast.unparse(tree.body[first_if])
+    before = {a.name for node in tree.body[:first_if] if isinstance(node, ast.Import)
+              for a in node.names}
+    after = [n for n in tree.body[first_if:] if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert before == {"os", "signal", "sys"} and after, before
+
+
 @pytest.mark.slow
 def test_a_closed_output_stops_the_run_in_one_line_and_it_resumes(data_dir, tmp_path):
     """As in ``helpers.py train ... | head -1``: once its output cannot be written the run stops,
@@ -694,7 +708,8 @@ def test_a_signal_as_a_command_ends_is_no_traceback(sig, finished_run, data_dir,
                                   "epoch a tensor", "seed a tensor", "a row's loss a tensor",
                                   "schedule shortened", "schedule without phases",
                                   "momentum a string", "learning rate doubled",
-                                  "run nested too deeply"])
+                                  "run nested too deeply", "a row without its seconds",
+                                  "momentum a number", "momentum an int", "a weight complex"])
 def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir, capsys):
     """Loadable but inconsistent: refused, naming model.pt, before any training (and without
     --resume, the refusal names the partial run)."""
@@ -710,6 +725,13 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(edit, partial_run, data_dir
         state["history"] = state["history"] * 2
     elif edit == "momentum of another shape":
         state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif edit in ("momentum a number", "momentum an int"):  # tracebacks at the first step
+        state["optimizer"]["state"][0]["momentum_buffer"] = (
+            torch.tensor(0.5) if edit.endswith("number") else 5)
+    elif edit == "a row without its seconds":  # a traceback once the run ended
+        del state["history"][0]["seconds"]
+    elif edit == "a weight complex":  # its imaginary part dropped, with a warning
+        state["model"]["out.1.weight"] = state["model"]["out.1.weight"].to(torch.complex64)
     elif edit.startswith("epoch"):
         state["epoch"] = float("inf") if edit == "epoch infinite" else torch.tensor([1, 2])
     elif edit == "seed a tensor":
@@ -890,6 +912,15 @@ def test_a_pipe_in_place_of_a_run_file_is_not_waited_on(name, finished_run, data
         assert code == 0 and len(rows(finished_run)) == 1, err
     else:
         assert code == 2 and f"{name} is damaged (not a file)" in one_line(err)
+
+
+def test_a_pipe_in_place_of_the_lock_is_refused_in_one_line(data_dir, tmp_path, capsys):
+    """A named pipe at .lock: it was status 74 and a line naming no file."""
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / ".lock")
+    code, _, err = cli(capsys, *train_args(data_dir, tmp_path / "run", "--epochs", "1"))
+    assert code == 2 and ".lock is not a file: move it away" in one_line(err)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
 
 
 def test_files_named_as_temp_files_that_are_not_ours_are_kept(finished_run, data_dir, capsys):
