@@ -56,6 +56,10 @@ RUNS = {
     # more augmentation cost it a point: Muon at half the rate, or the augmentations at 0.25
     "accurate-muon0.005": ([], ["--muon-lr", "0.005", *RUN1]),
     "accurate-aug25": ([], ["--muon-lr", "0.01", "--dilated-downs", "1"]),
+    # if neither: deep-3322 (which matched Run 1's net with SGD) with Muon, or no label smoothing
+    "accurate-deep-3322": ([], ["--muon-lr", "0.01", "--widths", "16", "32", "64", "128",
+                                "--depths", "3", "3", "2", "2", *RUN1]),
+    "accurate-ls0": ([], ["--muon-lr", "0.01", "--label-smoothing", "0", *RUN1]),
 }
 
 
