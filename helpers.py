@@ -1930,11 +1930,8 @@ class _RunFolder:
             for path in (self.out / name for name in _RUN_FILES):
                 if path.is_dir():  # not ours: --overwrite would delete it, --resume fail on it
                     raise UsageError(f"{path} is a folder, not a file of a run: move it away")
-        except UsageError:  # refused before writing anything: the .lock made for it goes too
-            if self.made_lock:
-                (self.out / ".lock").unlink(missing_ok=True)
-            self._remove_created()
-            self.lock.close()
+        except UsageError:
+            self._give_back(refused=True)
             raise
         shutil.rmtree(self.discarded, ignore_errors=True)  # its deletion was stopped
         if self.aside.exists():  # an --overwrite was killed: finish or undo it
@@ -2046,12 +2043,17 @@ class _RunFolder:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.aside.exists():
             self._restore()
+        self._give_back()
+
+    def _give_back(self, refused: bool = False) -> None:
+        """Unlock ``--out``. If this command was refused, or wrote nothing there, the ``.lock``
+        and the folders it made for it go too (still locked: no other command is using them)."""
         if os.name == "nt":  # Windows deletes no open file (and this code locks none there)
             self.lock.close()
-        if (self.created or self.made_lock) and not any(
-                p.name != ".lock" for p in self.out.iterdir()):
-            (self.out / ".lock").unlink(missing_ok=True)  # refused before writing anything
-            self._remove_created()  # (still locked: no other command is using them)
+        if (self.created or self.made_lock) and (refused or not any(
+                p.name != ".lock" for p in self.out.iterdir())):
+            (self.out / ".lock").unlink(missing_ok=True)
+            self._remove_created()
         self.lock.close()
 
     def _remove_created(self) -> None:
