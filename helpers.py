@@ -1353,9 +1353,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path} holds no model of this project ({e})") from None
-    bad = _first_non_finite(state["model"])  # it would be scored without a word
-    if bad is not None:
-        raise CheckpointError(f"{path} is damaged: {bad} holds nan or inf")
+    bad = _first_non_finite(state["model"])  # either would be scored without a word
+    negative = [k for k, v in state["model"].items() if k.endswith("running_var") and (v < 0).any()]
+    if bad is not None or negative:
+        raise CheckpointError(f"{path} is damaged: " + (f"{bad} holds nan or inf" if bad else
+                                                        f"{negative[0]} holds a negative variance"))
     return model.to(device).eval(), state
 
 

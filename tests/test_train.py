@@ -601,6 +601,13 @@ def test_evaluate_refuses_bad_weights_and_data_in_one_line(tmp_path, png_root, c
     code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "nan.pt", "--data-dir",
                        png_root)
     assert code == 2 and "out.1.weight holds nan or inf" in one_line(err)
+    state["model"]["out.1.weight"][0, 0] = 0.0  # a variance under 0: nan too, once scored
+    name = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][name][0] = -1.0
+    torch.save(state, tmp_path / "negative.pt")
+    code, _, err = cli(capsys, "evaluate", "--weights", tmp_path / "negative.pt", "--data-dir",
+                       png_root)
+    assert code == 2 and f"{name} holds a negative variance" in one_line(err)
     for split in ("train", "test"):  # the same number of classes, named otherwise
         (png_root / split / "cat").rename(png_root / split / "kitten")
     for weights in ("w.pt", "run/model.pt"):  # model.pt was scored, its labels shifted
