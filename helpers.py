@@ -1725,8 +1725,10 @@ def _common_options(p: argparse.ArgumentParser, command: str) -> None:
             lambda v: least <= v <= most, metavar="N")
     if command == "evaluate":  # the weights carry their recipe
         return
-    p.add_argument("--recipe", default="standard", choices=sorted(RECIPES),
-                   help="the recipe that the options below override (default standard)")
+    resumed = command == "train"  # --resume: the run's own recipe, seed, subsets, split
+    p.add_argument("--recipe", default=None if resumed else "standard", choices=sorted(RECIPES),
+                   help="the recipe that the options below override (default standard"
+                   + ("; with --resume: the run's own settings)" if resumed else ")"))
     for f in fields(Recipe):  # derived from the field itself
         many, meta = isinstance(f.default, tuple), f.metadata
         _option(p, "--" + f.name.replace("_", "-"), type(f.default[0] if many else f.default),
@@ -1759,19 +1761,20 @@ def _build_parser() -> argparse.ArgumentParser:
                 lambda v: least <= v <= most, metavar="N")
     _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
             "weights, data order, augmentation, subsets (the validation split is drawn with "
-            "seed 0 from the training images used); default 0", lambda v: 0 <= v < 2 ** 32,
-            default=0, metavar="N")
+            "seed 0 from the training images used); default 0 (with --resume: the run's)",
+            lambda v: 0 <= v < 2 ** 32, metavar="N")
     for split in ("train", "test"):
         _option(t, f"--{split}-subset", int, "an integer >= 1", f"use N random {split} images "
-                "only", lambda v: v >= 1, metavar="N")
+                "only (with --resume: as the run did)", lambda v: v >= 1, metavar="N")
     _option(t, "--val-fraction", float, "a number in (0, 1)", "hold out this share of the "
-            "training images and score it instead of the test set, to choose settings",
-            lambda v: 0 < v < 1, metavar="F")
+            "training images and score it instead of the test set, to choose settings (with "
+            "--resume: as the run did)", lambda v: 0 < v < 1, metavar="F")
     t.add_argument("--out", default="runs/latest", metavar="DIR", help="the run's folder "
                    "(default runs/latest)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from "
-                       "its last checkpoint (or start it if --out holds none)")
+                       "its last checkpoint with its own settings (any option given must agree "
+                       "with them), or start it if --out holds none")
     again.add_argument("--overwrite", action="store_true", help="replace the run in --out; "
                        "it is kept until the new run's first checkpoint is saved")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -1783,9 +1786,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the device to time (default: the best available)")
     return p
 
-def _recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The named recipe with the options given; a bad value is refused naming its option."""
-    recipe = RECIPES[args.recipe]
+def _recipe_from_args(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
+    """The named recipe (or ``base``, when none is named) with the options given; a bad value is
+    refused naming its option."""
+    recipe = RECIPES[args.recipe or "standard"] if base is None else base
     for f in fields(Recipe):
         if getattr(args, f.name) is not None:
             try:
@@ -2105,7 +2109,7 @@ class _RunFolder:
                 print(f"--overwrite: {self.out} holds {what}; it is kept until the new run "
                       "saves its first checkpoint")
                 return None
-            hint = "" if finished else "pass --resume to continue it with the same options or "
+            hint = "" if finished else "pass --resume to continue it (with its own options) or "
             raise UsageError(f"argument --out: {self.out} already holds {what}: {hint}pass "
                              "--overwrite to replace it, or choose another --out")
         config = _with_defaults(_read_json(self.out / "config.json", _SAME + _NOTES))
@@ -2189,8 +2193,9 @@ class _RunFolder:
                      else d for d in diffs]  # two hashes say nothing more
             if diffs and refuse:
                 raise UsageError(f"argument --resume: the run in {self.out} was made with "
-                                 f"other settings ({'; '.join(diffs)}): give its options and "
-                                 "data, or --overwrite to start again")
+                                 f"other settings ({'; '.join(diffs)}): give its own options "
+                                 "and data (or no option: --resume takes them from the run), or "
+                                 "--overwrite to start again")
             if diffs:
                 same = all(d.startswith("data ") for d in diffs)  # the images' hash agrees
                 print(f"note: resuming with {'; '.join(diffs)}: " + (
@@ -2271,9 +2276,25 @@ def _split_data(args: argparse.Namespace, data: CifarData) -> tuple[tuple, str]:
     except ValueError as e:
         raise UsageError(f"argument --val-fraction: {e}") from None
 
+def _options_of_the_run(args: argparse.Namespace, prev: dict | None, out: Path) -> Recipe:
+    """Set each option not given to the resumed run's (``prev``), or to its default; return the
+    recipe: the one named, else the run's own, with the options given."""
+    try:  # (with no recipe named: the run's own settings, not its name's, which may have moved)
+        base = Recipe(**prev["recipe"]) if prev and args.recipe is None else None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{out}/config.json holds a recipe that this helpers.py cannot build "
+                         f"({e}): name its recipe and options, or pass --overwrite to start "
+                         "again") from None
+    for name, key in (("recipe", "recipe_name"), ("seed", "seed"), *(
+            (k, k) for k in ("train_subset", "test_subset", "val_fraction", "workers"))):
+        if getattr(args, name) is None:
+            setattr(args, name, (prev or {}).get(key))
+    args.recipe, args.seed = args.recipe or "standard", args.seed or 0
+    return _recipe_from_args(args, base)
+
 def run_training(args: argparse.Namespace) -> list[dict]:
     """``train``: check the options and ``--out``, read the data, build, train (see README)."""
-    recipe = _recipe_from_args(args)
+    recipe = _recipe_from_args(args)  # each option checked before the folder and the data
     if not str(args.out).strip():
         raise UsageError("argument --out: expected a folder name, got ''")
     if args.val_fraction and args.test_subset is not None:
@@ -2291,7 +2312,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         prev: Any = False  # until the folder is checked: what it holds is not known yet
         try:
             prev = folder.previous(args.resume, args.overwrite)
-            workers = args.workers if args.workers is not None else (prev or {}).get("workers")
+            recipe = _options_of_the_run(args, prev, folder.out)
+            workers = args.workers
             options = dict(recipe=asdict(recipe), seed=args.seed, train_subset=args.train_subset,
                            test_subset=args.test_subset, val_fraction=args.val_fraction)
             folder.refuse_changes(prev, dict(options, workers=workers) if workers is not None

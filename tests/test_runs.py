@@ -989,6 +989,35 @@ def test_resume_with_other_options_is_refused(partial_run, data_dir, capsys):
     assert snapshot(partial_run) == before
 
 
+def test_resume_needs_only_the_folder(data_dir, tmp_path, capsys, monkeypatch):
+    """``--out DIR --resume`` alone continues with the run's own recipe (and the options it was
+    given), seed, subset, split and workers, to the result of an uninterrupted run; an option
+    given must still agree."""
+    options = ("--recipe", "small", "--lr", "0.1", "--seed", "3", "--train-subset", "24",
+               "--val-fraction", "0.25", "--workers", "0")
+    ref = tmp_path / "ref"
+    assert cli(capsys, *train_args(data_dir, ref, *options))[0] == 0
+    run = _interrupted(data_dir, tmp_path / "run", capsys, monkeypatch, *options)
+    code, _, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume",
+                       "--no-progress")
+    assert code == 0, err
+    assert rows(run) == rows(ref) and len(rows(ref)) == 3
+    a, b = (torch.load(p / "weights.pt", weights_only=True) for p in (ref, run))
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+    config = json.loads((run / "summary.json").read_text())
+    assert config["recipe_name"] == "small" and config["recipe"]["lr"] == 0.1
+    assert (config["seed"], config["train_subset"], config["eval_split"]) == (3, 24, "val")
+    code, _, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume",
+                       "--seed", "0")
+    assert code == 2 and "seed 3 -> 0" in one_line(err)
+    config = json.loads((run / "config.json").read_text())
+    config["recipe"]["lr"] = "fast"  # hand-edited: no recipe can be built from it
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").unlink()
+    code, _, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume")
+    assert code == 2 and "config.json holds a recipe" in one_line(err) and "Recipe.lr" in err
+
+
 def _drop_setting(out: Path, name: str) -> None:
     """Make the run in ``out`` look as if made before Recipe had the setting ``name``."""
     for file in ("config.json", "summary.json"):
