@@ -559,13 +559,17 @@ def _channels_last(device: torch.device) -> bool:
     """Whether to use the channels-last memory layout: faster on CPUs and CUDA GPUs."""
     return device.type in ("cpu", "cuda")
 
-def to_input(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A uint8 NHWC batch to a float NCHW batch on ``device`` (channels-last where faster)."""
+def to_input(x: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uint8 NHWC batch (tensor or array) to a float NCHW batch on ``device`` (channels-last
+    where faster)."""
+    given = x
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:  # as load_cifar10 gives them
+        x = torch.tensor(x)
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4
             and x.shape[-1] == 3):  # floats in 0..1 or NCHW would score near chance, silently
-        raise ValueError(f"expected a uint8 tensor of images (N, H, W, 3), raw pixels 0..255; "
-                         f"got {type(x).__name__} {getattr(x, 'dtype', '')} "
-                         f"{tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(f"expected a uint8 tensor of images (N, H, W, 3) or such a NumPy "
+                         f"array, raw pixels 0..255; got {type(given).__name__} "
+                         f"{getattr(given, 'dtype', '')} {tuple(getattr(given, 'shape', ()))}")
     device = torch.device(device)
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if _channels_last(device) else x.contiguous()
@@ -1528,7 +1532,7 @@ def plot_mistakes(model: nn.Module, layer: nn.Module, images: np.ndarray, labels
     if len(idx) == 0:
         return _image_grid([], cols)
     device = next(model.parameters()).device
-    cams = grad_cam(model, to_input(torch.as_tensor(images[idx]), device), layer,
+    cams = grad_cam(model, to_input(images[idx], device), layer,
                     [int(preds[i]) for i in idx])
     panels: list[tuple] = []
     for start in range(0, len(idx), cols):  # a row of images, then a row of their maps

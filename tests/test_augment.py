@@ -58,11 +58,13 @@ def test_a_model_classifies_raw_images_through_to_input():
     """What README shows for one's own images gives ``predict``'s labels."""
     torch.manual_seed(0)
     model = helpers.build_model(helpers.Recipe(widths=(4, 8, 8, 8))).eval()
-    batch = torch.from_numpy(np.stack([_image(i) for i in range(6)]))
+    images = np.stack([_image(i) for i in range(6)])  # as load_cifar10 gives them
     with torch.no_grad():
-        labels = model(helpers.to_input(batch)).argmax(1).numpy()
+        labels = model(helpers.to_input(images)).argmax(1).numpy()
+    batch = torch.from_numpy(images)
     preds, _, _ = helpers.predict(model, [(batch, torch.zeros(6, dtype=torch.long))])
     np.testing.assert_array_equal(labels, preds)
+    torch.testing.assert_close(helpers.to_input(images), helpers.to_input(batch))
 
 
 def test_to_input_is_plain_contiguous_elsewhere():
@@ -76,7 +78,7 @@ def test_to_input_is_plain_contiguous_elsewhere():
 @pytest.mark.parametrize("batch", [
     torch.rand(2, 32, 32, 3),  # floats in 0..1, as torchvision's ToTensor gives
     torch.zeros(2, 3, 32, 32, dtype=torch.uint8),  # NCHW
-    np.zeros((2, 32, 32, 3), np.uint8)], ids=["float", "nchw", "numpy"])
+    np.random.default_rng(0).random((2, 32, 32, 3))], ids=["float", "nchw", "numpy-float"])
 def test_images_in_another_format_are_refused_not_scored(batch):
     """Raw uint8 NHWC pixels only: floats or NCHW would be scored near chance without a word."""
     with pytest.raises(ValueError, match=r"uint8 tensor of images \(N, H, W, 3\)"):
