@@ -1723,10 +1723,8 @@ def _common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="folder with CIFAR-10: official batches, or train/<class>/*.jpg|png")
     p.add_argument("--download", action="store_true",
                    help="download with torchvision if the data is not in --data-dir")
-    least, most = _COUNTS["threads"]
-    _option(p, "--threads", int, f"an integer in [{least}, {most}]", "torch CPU threads; default: "
-            "all cores" + (" (with --resume: the run's own count)" if command == "train" else ""),
-            lambda v: least <= v <= most, metavar="N")
+    _run_option(p, "threads", "torch CPU threads; default: all cores" + (
+        " (with --resume: the run's own count)" if command == "train" else ""))
     if command == "evaluate":  # the weights carry their recipe
         return
     resumed = command == "train"  # --resume: the run's own recipe, seed, subsets, split
@@ -1758,21 +1756,16 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, cmd in (("train", t), ("evaluate", e), ("bench", b)):
         _common_options(cmd, name)
     for cmd in (t, b):
-        least, most = _COUNTS["workers"]
-        _option(cmd, "--workers", int, f"an integer in [{least}, {most}]", "data-loader processes; "
-                "default: 0 on a CPU or Apple GPU, up to 8 on CUDA" + (
-                    " (with --resume: the run's)" if cmd is t else ""),
-                lambda v: least <= v <= most, metavar="N")
-    _option(t, "--seed", int, "an integer in [0, 4294967295]", "seed of every random choice: "
-            "weights, data order, augmentation, subsets (the validation split is drawn with "
-            "seed 0 from the training images used); default 0 (with --resume: the run's)",
-            lambda v: 0 <= v < 2 ** 32, metavar="N")
+        _run_option(cmd, "workers", "data-loader processes; default: 0 on a CPU or Apple GPU, up "
+                    "to 8 on CUDA" + (" (with --resume: the run's)" if cmd is t else ""))
+    _run_option(t, "seed", "seed of every random choice: weights, data order, augmentation, "
+                "subsets (the validation split is drawn with seed 0 from the training images "
+                "used); default 0 (with --resume: the run's)")
     for split in ("train", "test"):
-        _option(t, f"--{split}-subset", int, "an integer >= 1", f"use N random {split} images "
-                "only (with --resume: as the run did)", lambda v: v >= 1, metavar="N")
-    _option(t, "--val-fraction", float, "a number in (0, 1)", "hold out this share of the "
-            "training images and score it instead of the test set, to choose settings (with "
-            "--resume: as the run did)", lambda v: 0 < v < 1, metavar="F")
+        _run_option(t, f"{split}_subset", f"use N random {split} images only (with --resume: as "
+                    "the run did)")
+    _run_option(t, "val_fraction", "hold out this share of the training images and score it "
+                "instead of the test set, to choose settings (with --resume: as the run did)")
     t.add_argument("--out", default="runs/latest", metavar="DIR", help="the run's folder "
                    "(default runs/latest)")
     again = t.add_mutually_exclusive_group()
@@ -1880,7 +1873,22 @@ _NOTES = ("device", "threads", "versions")  # may differ when resuming: a note, 
 _FREE = (*_NOTES, "recipe_name", "params", "macs")  # those, and what another version counts
 _LATER = ("images_sha256",)  # as _SAME, where the run recorded it (runs before it did not)
 
-_COUNTS = {"threads": (1, 1024), "workers": (0, 64)}  # run settings that are counts: their range
+# The options of train besides the recipe's, as config.json records them (--resume takes them
+# from there, so it is held to the same): kind, accepted values, the check
+_RUN_OPTIONS = {
+    "threads": (int, "an integer in [1, 1024]", lambda v: 1 <= v <= 1024),
+    "workers": (int, "an integer in [0, 64]", lambda v: 0 <= v <= 64),
+    "seed": (int, "an integer in [0, 4294967295]", lambda v: 0 <= v < 2 ** 32),
+    "train_subset": (int, "an integer >= 1", lambda v: v >= 1),
+    "test_subset": (int, "an integer >= 1", lambda v: v >= 1),
+    "val_fraction": (float, "a number in (0, 1)", lambda v: 0 < v < 1)}
+_UNUSED = ("train_subset", "test_subset", "val_fraction")  # None in config.json: not used
+
+def _run_option(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """Add the option of ``_RUN_OPTIONS[name]`` (``--train-subset N``...) to ``p``."""
+    kind, words, ok = _RUN_OPTIONS[name]
+    _option(p, "--" + name.replace("_", "-"), kind, words, help, ok,
+            metavar="F" if kind is float else "N")
 
 def _edits(told: dict, summary: dict, free: Sequence[str]) -> list[str]:
     """How ``summary`` differs from what the run's other files tell, ``free`` keys aside (a key
@@ -1904,10 +1912,11 @@ def _read_json(path: Path, keys: Sequence[str]) -> dict:
         raise UsageError(f"{path} is damaged (nested too deeply); pass --overwrite to start "
                          "again")
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
-    counts = [k for k, (least, most) in _COUNTS.items() if k in keys and k not in missing
-              and not (type(value[k]) is int and least <= value[k] <= most)]
-    if missing or counts:
-        what = f"it lacks {', '.join(missing)}" if missing else f"bad {', '.join(counts)}"
+    bad = [k for k, (kind, _, ok) in _RUN_OPTIONS.items() if k in keys and k not in missing
+           and not (value[k] is None and k in _UNUSED or type(value[k]) in (
+               (int,) if kind is int else (int, float)) and ok(value[k]))]  # True: no int here
+    if missing or bad:
+        what = f"it lacks {', '.join(missing)}" if missing else f"bad {', '.join(bad)}"
         raise UsageError(f"{path} is damaged: {what}; pass --overwrite to start again")
     return value
 

@@ -867,6 +867,11 @@ def test_run_settings_of_the_wrong_kind_are_refused_in_one_line(partial_run, dat
                        (json.dumps(dict(json.loads(config), workers=-1)), ": bad workers"),
                        (json.dumps(dict(json.loads(config), threads=2 ** 40)), ": bad threads"),
                        (json.dumps(dict(json.loads(config), workers=65)), ": bad workers"),
+                       (json.dumps(dict(json.loads(config), seed="x")), ": bad seed"),
+                       (json.dumps(dict(json.loads(config), seed=True)), ": bad seed"),
+                       (json.dumps(dict(json.loads(config), train_subset=0)), ": bad train_subset"),
+                       (json.dumps(dict(json.loads(config), test_subset=2.5)), ": bad test_subset"),
+                       (json.dumps(dict(json.loads(config), val_fraction=1)), ": bad val_fraction"),
                        ("[" * 100_000 + "]" * 100_000, " (maximum recursion"),
                        (json.dumps(dict(json.loads(config), data="X")).replace(
                            '"X"', "[" * 100 + "]" * 100), " (nested too deeply)")):
