@@ -564,7 +564,7 @@ def to_input(x: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -
     where faster)."""
     given = x
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:  # as load_cifar10 gives them
-        x = torch.tensor(x)
+        x = torch.from_numpy(x.copy())  # (any strides: a view such as x[:, :, ::-1] too)
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4
             and x.shape[-1] == 3):  # floats in 0..1 or NCHW would score near chance, silently
         raise ValueError(f"expected a uint8 tensor of images (N, H, W, 3) or such a NumPy "

@@ -65,6 +65,8 @@ def test_a_model_classifies_raw_images_through_to_input():
     preds, _, _ = helpers.predict(model, [(batch, torch.zeros(6, dtype=torch.long))])
     np.testing.assert_array_equal(labels, preds)
     torch.testing.assert_close(helpers.to_input(images), helpers.to_input(batch))
+    mirrored = images[:, :, ::-1]  # a view with a negative stride, as NumPy flips give
+    torch.testing.assert_close(helpers.to_input(mirrored), helpers.to_input(batch.flip(2)))
 
 
 def test_to_input_is_plain_contiguous_elsewhere():
