@@ -2291,9 +2291,14 @@ def _split_data(args: argparse.Namespace, data: CifarData) -> tuple[tuple, str]:
 
 def _options_of_the_run(args: argparse.Namespace, prev: dict | None, out: Path) -> Recipe:
     """Set each option not given to the resumed run's (``prev``), or to its default; return the
-    recipe: the one named, else the run's own, with the options given."""
-    try:  # (with no recipe named: the run's own settings, not its name's, which may have moved)
-        base = Recipe(**prev["recipe"]) if prev and args.recipe is None else None
+    recipe: the run's own (a recipe named must be its), else the one named, with the options
+    given."""
+    if prev and args.recipe is not None and args.recipe != prev.get("recipe_name"):
+        raise UsageError(f"argument --recipe: the run in {out} was made with the recipe "
+                         f"{prev.get('recipe_name')!r}, not {args.recipe!r}: leave --recipe out "
+                         "(--resume takes the run's own), or --overwrite to start again")
+    try:  # the run's own settings, not its name's, which may have moved since
+        base = Recipe(**prev["recipe"]) if prev else None
     except (TypeError, ValueError) as e:
         raise UsageError(f"{out}/config.json holds a recipe that this helpers.py cannot build "
                          f"({e}): name its recipe and options, or pass --overwrite to start "

@@ -1015,6 +1015,12 @@ def test_resume_needs_only_the_folder(data_dir, tmp_path, capsys, monkeypatch):
     code, _, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume",
                        "--seed", "0")
     assert code == 2 and "seed 3 -> 0" in one_line(err)
+    code, out, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume",
+                         "--recipe", "small")  # its own name: its own settings (lr 0.1)
+    assert code == 0 and "nothing to do" in out, err
+    code, _, err = cli(capsys, "train", "--data-dir", data_dir, "--out", run, "--resume",
+                       "--recipe", "standard")
+    assert code == 2 and "made with the recipe 'small', not 'standard'" in one_line(err)
     config = json.loads((run / "config.json").read_text())
     config["recipe"]["lr"] = "fast"  # hand-edited: no recipe can be built from it
     (run / "config.json").write_text(json.dumps(config))
